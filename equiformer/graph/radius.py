@@ -1,0 +1,342 @@
+"""Radius graphs for molecules and periodic systems, in plain torch (CPU and CUDA).
+
+Algorithm (no Python loop over atoms):
+
+1. Per graph, an *effective cell* (periodic rows = lattice vectors, other rows = orthonormal
+   complement) gives fractional coordinates; atoms are wrapped into [0, 1) along periodic
+   directions, remembering the integer offsets.
+2. Ghost atoms: every atom is replicated at the integer shifts S that bring it within
+   ``cutoff`` of the wrapped cell (fractional range ``(-cutoff/h_k, 1 + cutoff/h_k)``, with
+   ``h_k`` the perpendicular cell heights), so cutoffs longer than the cell work.
+3. Cell list: ghosts are binned into cubes of side >= cutoff (keys sorted once); each wrapped
+   centre atom looks up the 27 neighbouring bins with ``searchsorted``. Small graphs use one bin
+   per graph, which is the O(N^2) all-pairs search. Candidates are expanded in chunks so memory
+   stays bounded.
+4. Survivors are re-checked with the exact vector ``pos[j] + shift @ cell - pos[i]`` on the
+   ORIGINAL positions (input dtype), shifts being corrected for the wrapping.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .pbc import as_batched_cell_pbc, effective_cell, perpendicular_heights, wrap_positions
+
+__all__ = ["radius_graph", "radius_graph_pbc", "neighbor_search"]
+
+Method = Literal["auto", "cell_list", "brute"]
+
+#: graphs with (atoms x ghost atoms) up to this use a single bin (all pairs)
+BRUTE_FORCE_PAIRS = 1 << 16
+#: candidate pairs processed at once (bounds memory: ~100 bytes per candidate)
+CHUNK_CANDIDATES = 1 << 21
+_FRAC_EPS = 1e-6  # fractional margin when choosing ghost shifts
+_REL_MARGIN = 1e-5  # relative margin of the candidate filter and bin size; exact check follows
+
+_OFFSETS_27 = torch.tensor([[a, b, c] for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)], dtype=torch.long)
+
+
+def _exclusive_cumsum(x: Tensor) -> Tensor:
+    out = torch.zeros_like(x)
+    if x.numel() > 1:
+        torch.cumsum(x[:-1], dim=0, out=out[1:])
+    return out
+
+
+def _expand_ranges(start: Tensor, count: Tensor, total: int) -> tuple[Tensor, Tensor]:
+    """For ranges [start_r, start_r + count_r): (range id of each element, element value)."""
+    rid = torch.repeat_interleave(torch.arange(count.numel(), device=count.device), count, output_size=total)
+    base = torch.repeat_interleave(start - _exclusive_cumsum(count), count, output_size=total)
+    return rid, base + torch.arange(total, device=count.device)
+
+
+def _check_inputs(pos: Tensor, cutoff: float, batch: Tensor | None) -> tuple[int, Tensor]:
+    if not isinstance(pos, Tensor) or pos.dim() != 2 or pos.shape[1] != 3:
+        raise ValueError(f"pos must be a tensor of shape [N, 3], got {getattr(pos, 'shape', type(pos))}")
+    if not torch.is_floating_point(pos):
+        raise ValueError(f"pos must be a float tensor, got {pos.dtype}")
+    cutoff = float(cutoff)
+    if not (math.isfinite(cutoff) and cutoff > 0):
+        raise ValueError(f"cutoff must be a positive finite number of Å, got {cutoff}")
+    n = pos.shape[0]
+    if batch is None:
+        batch = torch.zeros(n, dtype=torch.long, device=pos.device)
+    else:
+        batch = torch.as_tensor(batch, device=pos.device)
+        if batch.dim() != 1 or batch.shape[0] != n:
+            raise ValueError(f"batch must have shape [{n}], got {tuple(batch.shape)}")
+        batch = batch.long()
+        if n and int(batch.min()) < 0:
+            raise ValueError("batch holds negative graph indices")
+    if n and not bool(torch.isfinite(pos).all()):
+        raise ValueError("pos holds non-finite coordinates (NaN or inf)")
+    return n, batch
+
+
+def neighbor_search(
+    pos: Tensor,
+    cell: Tensor | None,
+    pbc: Tensor | None,
+    cutoff: float,
+    batch: Tensor | None = None,
+    method: Method = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """All pairs closer than ``cutoff``; the engine behind :func:`radius_graph_pbc`.
+
+    Args:
+        pos: [N, 3] positions (Å), float32 or float64; atoms may lie outside the cell.
+        cell: [B, 3, 3] / [3, 3] lattice rows (Å) or None.
+        pbc: [B, 3] / [3] bool or None (no periodicity).
+        cutoff: radius (Å); pairs with distance < cutoff are returned.
+        batch: [N] graph index of each atom (None: one graph).
+        method: "auto" (cell lists for large graphs, all pairs for small ones), "cell_list" or "brute".
+    Returns:
+        (edge_index [2, E] long (row 0 = neighbour j, row 1 = centre i), shift [E, 3] long,
+        distance [E] in pos.dtype), sorted by (i, j, shift).
+    """
+    if method not in ("auto", "cell_list", "brute"):
+        raise ValueError(f"method must be 'auto', 'cell_list' or 'brute', got {method!r}")
+    n, batch = _check_inputs(pos, cutoff, batch)
+    cutoff = float(cutoff)
+    device, dtype = pos.device, pos.dtype
+    if cell is not None and torch.as_tensor(cell).dim() == 3:
+        num_graphs = torch.as_tensor(cell).shape[0]
+        if n and int(batch.max()) >= num_graphs and num_graphs != 1:
+            raise ValueError(f"batch refers to graph {int(batch.max())} but cell holds {num_graphs} cells")
+        num_graphs = max(num_graphs, int(batch.max()) + 1 if n else 0)
+    else:
+        num_graphs = int(batch.max()) + 1 if n else 1
+    cell, pbc = as_batched_cell_pbc(cell, pbc, num_graphs, device, dtype)
+    cell = cell.to(dtype)
+    empty = (
+        torch.zeros(2, 0, dtype=torch.long, device=device),
+        torch.zeros(0, 3, dtype=torch.long, device=device),
+        torch.zeros(0, dtype=dtype, device=device),
+    )
+    if n == 0:
+        return empty
+
+    with torch.no_grad():
+        pos = pos.detach()
+        cell = cell.detach()
+        # --- 1. effective cell, fractional coordinates, wrapping (float64 for robust integer decisions)
+        pbc_any = pbc.any(dim=1)
+        if bool(pbc_any.any()):
+            eff = effective_cell(cell.double(), pbc)
+            heights = perpendicular_heights(eff)  # [B, 3]
+            frac = torch.einsum("nk,nkl->nl", pos.double(), torch.linalg.inv(eff)[batch])
+            pbc_atom = pbc[batch]
+            fw, off = wrap_positions(frac, pbc_atom)
+            reach = (cutoff / heights)[batch]  # [N, 3]
+            lo = torch.ceil(-reach - _FRAC_EPS - fw).long()
+            hi = torch.floor(1.0 + reach + _FRAC_EPS - fw).long()
+            lo = torch.where(pbc_atom, lo, torch.zeros_like(lo))
+            hi = torch.where(pbc_atom, hi, torch.zeros_like(hi))
+        else:
+            off = torch.zeros(n, 3, dtype=torch.long, device=device)
+            lo = hi = off
+
+        # --- 2. ghost atoms (atom index, wrapped-frame shift S, Cartesian position)
+        span = hi - lo + 1  # [N, 3]
+        gcount = span.prod(dim=1)
+        G = int(gcount.sum())
+        gatom, t = _expand_ranges(torch.zeros_like(gcount), gcount, G)
+        sp = span[gatom]
+        s2 = t % sp[:, 2]
+        s1 = (t // sp[:, 2]) % sp[:, 1]
+        s0 = t // (sp[:, 2] * sp[:, 1])
+        gS = lo[gatom] + torch.stack([s0, s1, s2], dim=1)  # [G, 3]
+        gbatch = batch[gatom]
+        has_shift = bool((gS != 0).any()) or bool((off != 0).any())
+        if has_shift:
+            gpos = pos[gatom] + torch.einsum("gk,gkl->gl", (gS - off[gatom]).to(dtype), cell[gbatch])
+            cpos = pos - torch.einsum("nk,nkl->nl", off.to(dtype), cell[batch])
+        else:
+            gpos = pos[gatom]
+            cpos = pos
+
+        # --- 3. bins: one per graph (all pairs) or cubes of side >= cutoff
+        natoms = torch.bincount(batch, minlength=num_graphs)
+        nghost = torch.bincount(gbatch, minlength=num_graphs)
+        if method == "brute":
+            use_cells = torch.zeros(num_graphs, dtype=torch.bool, device=device)
+        elif method == "cell_list":
+            use_cells = natoms > 0
+        else:
+            use_cells = natoms * nghost > BRUTE_FORCE_PAIRS
+        any_cells = bool(use_cells.any())
+        if any_cells:
+            big = torch.finfo(dtype).max
+            lo_b = torch.full((num_graphs, 3), big, dtype=dtype, device=device)
+            lo_b = lo_b.scatter_reduce(0, gbatch.unsqueeze(1).expand(-1, 3), gpos, "amin")
+            hi_b = torch.full((num_graphs, 3), -big, dtype=dtype, device=device)
+            hi_b = hi_b.scatter_reduce(0, gbatch.unsqueeze(1).expand(-1, 3), gpos, "amax")
+            extent = (hi_b - lo_b).clamp_min(0)
+            extent = torch.where(natoms.unsqueeze(1) > 0, extent, torch.zeros_like(extent))
+            lo_b = torch.where(natoms.unsqueeze(1) > 0, lo_b, torch.zeros_like(lo_b))
+            binsize = torch.clamp(extent.amax(dim=1) / 2**15, min=cutoff * (1 + _REL_MARGIN))  # [B]
+            dims = (torch.floor(extent / binsize.unsqueeze(1)).long() + 1).clamp_min(1)
+            dims = torch.where(use_cells.unsqueeze(1), dims, torch.ones_like(dims))
+
+            def bin_of(p: Tensor, b: Tensor) -> Tensor:
+                ijk = torch.floor((p - lo_b[b]) / binsize[b].unsqueeze(1)).long()
+                return torch.minimum(ijk.clamp_min(0), dims[b] - 1)
+
+            gijk = bin_of(gpos, gbatch)
+            cijk = bin_of(cpos, batch)
+        else:
+            dims = torch.ones(num_graphs, 3, dtype=torch.long, device=device)
+            gijk = torch.zeros(G, 3, dtype=torch.long, device=device)
+            cijk = torch.zeros(n, 3, dtype=torch.long, device=device)
+        graph_base = _exclusive_cumsum(dims.prod(dim=1))
+
+        def key_of(ijk: Tensor, b: Tensor) -> Tensor:
+            d = dims[b]
+            return graph_base[b] + (ijk[:, 0] * d[:, 1] + ijk[:, 1]) * d[:, 2] + ijk[:, 2]
+
+        sorted_keys, order = torch.sort(key_of(gijk, gbatch), stable=True)
+
+        # --- 4. candidate ranges: for each centre, the ghosts of each neighbouring bin
+        offsets = _OFFSETS_27.to(device) if any_cells else torch.zeros(1, 3, dtype=torch.long, device=device)
+        cdims = dims[batch]
+        starts, counts = [], []
+        for o in offsets:
+            nb = cijk + o
+            valid = ((nb >= 0) & (nb < cdims)).all(dim=1)
+            k = key_of(nb.clamp_min(0), batch)
+            s = torch.searchsorted(sorted_keys, k, right=False)
+            e = torch.searchsorted(sorted_keys, k, right=True)
+            starts.append(s)
+            counts.append(torch.where(valid, e - s, torch.zeros_like(s)))
+        start = torch.stack(starts, dim=1).reshape(-1)
+        count = torch.stack(counts, dim=1).reshape(-1)
+        centre = torch.arange(n, device=device).repeat_interleave(offsets.shape[0])
+        nz = count > 0
+        start, count, centre = start[nz], count[nz], centre[nz]
+
+        # --- 5. chunked expansion, loose filter on ghost positions, exact check on original positions
+        cut_loose = (cutoff * (1 + _REL_MARGIN)) ** 2
+        csum = torch.cumsum(count, dim=0)
+        total = int(csum[-1]) if csum.numel() else 0
+        out_i, out_j, out_s, out_d = [], [], [], []
+        pos_entry = 0
+        num_entries = count.numel()
+        while pos_entry < num_entries:
+            base = int(csum[pos_entry - 1]) if pos_entry > 0 else 0
+            end_entry = int(torch.searchsorted(csum, base + CHUNK_CANDIDATES, right=True))
+            end_entry = max(end_entry, pos_entry + 1)
+            st, ct, ce = start[pos_entry:end_entry], count[pos_entry:end_entry], centre[pos_entry:end_entry]
+            tot = int(csum[end_entry - 1]) - base
+            rid, gidx = _expand_ranges(st, ct, tot)
+            ci = ce[rid]
+            gi = order[gidx]
+            d = gpos[gi] - cpos[ci]
+            keep = (d * d).sum(dim=1) < cut_loose
+            ci, gi = ci[keep], gi[keep]
+            j = gatom[gi]
+            shift = gS[gi] - off[j] + off[ci]
+            vec = pos[j] - pos[ci]
+            if has_shift:
+                vec = vec + torch.einsum("ek,ekl->el", shift.to(dtype), cell[batch[j]])
+            dist = torch.linalg.vector_norm(vec, dim=1)
+            keep = (dist < cutoff) & ~((j == ci) & (shift == 0).all(dim=1))
+            out_i.append(ci[keep])
+            out_j.append(j[keep])
+            out_s.append(shift[keep])
+            out_d.append(dist[keep])
+            pos_entry = end_entry
+        del total
+        if not out_i:
+            return empty
+        i = torch.cat(out_i)
+        j = torch.cat(out_j)
+        shift = torch.cat(out_s)
+        dist = torch.cat(out_d)
+        perm = _sort_edges(i, j, shift, n)
+        return torch.stack([j[perm], i[perm]]), shift[perm], dist[perm]
+
+
+def _sort_edges(i: Tensor, j: Tensor, shift: Tensor, n: int) -> Tensor:
+    """Permutation that orders edges by (i, j, shift) lexicographically."""
+    if i.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=i.device)
+    m = int(shift.abs().max())
+    w = 2 * m + 1
+    code = ((shift[:, 0] + m) * w + (shift[:, 1] + m)) * w + (shift[:, 2] + m)
+    if n * n * w**3 < 2**62:
+        return torch.sort((i * n + j) * w**3 + code).indices
+    perm = torch.sort(code, stable=True).indices
+    perm = perm[torch.sort((i * n + j)[perm], stable=True).indices]
+    return perm
+
+
+def _limit_neighbors(edge_index: Tensor, dist: Tensor, k: int) -> Tensor:
+    """Boolean mask keeping, for each centre, its ``k`` nearest neighbours (ties by edge order)."""
+    i = edge_index[1]
+    e = i.numel()
+    perm = torch.sort(dist, stable=True).indices
+    perm = perm[torch.sort(i[perm], stable=True).indices]
+    first = _exclusive_cumsum(torch.bincount(i, minlength=int(i.max()) + 1 if e else 0))
+    rank = torch.arange(e, device=i.device) - first[i[perm]]
+    mask = torch.zeros(e, dtype=torch.bool, device=i.device)
+    mask[perm[rank < k]] = True
+    return mask
+
+
+def radius_graph_pbc(
+    pos: Tensor,
+    cell: Tensor | None,
+    pbc: Tensor | None,
+    cutoff: float,
+    batch: Tensor | None = None,
+    *,
+    max_num_neighbors: int | None = None,
+    method: Method = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Neighbour list with periodic images.
+
+    Args:
+        pos: [N, 3] Cartesian positions (Å), float32/float64; atoms may lie outside the cell.
+        cell: [B, 3, 3] (or [3, 3]) lattice vectors as rows (Å); rows of non-periodic directions are ignored.
+        pbc: [B, 3] (or [3]) bool periodic directions.
+        cutoff: pairs with distance < cutoff (Å) are edges; may exceed the cell size.
+        batch: [N] graph index of each atom (None: a single graph).
+        max_num_neighbors: keep only this many nearest neighbours per centre (None: all).
+        method: "auto", "cell_list" or "brute" (all pairs); all give the same edges.
+    Returns:
+        edge_index [2, E] long: row 0 = neighbour j (source), row 1 = centre i (target);
+        shift [E, 3] long: integer image offsets with ``vec_ij = pos[j] + shift @ cell[batch[j]] - pos[i]``.
+        Both directions of every pair, no self pair at zero shift (self images at non-zero shift are
+        included), sorted by (i, j, shift).
+    """
+    edge_index, shift, dist = neighbor_search(pos, cell, pbc, cutoff, batch, method)
+    if max_num_neighbors is not None and edge_index.shape[1]:
+        mask = _limit_neighbors(edge_index, dist, int(max_num_neighbors))
+        edge_index, shift = edge_index[:, mask], shift[mask]
+    return edge_index, shift
+
+
+def radius_graph(
+    pos: Tensor,
+    cutoff: float,
+    batch: Tensor | None = None,
+    max_num_neighbors: int | None = None,
+    *,
+    method: Method = "auto",
+) -> Tensor:
+    """Neighbour list of non-periodic systems (molecules, point clouds).
+
+    Args:
+        pos: [N, 3] positions (Å).
+        cutoff: pairs with distance < cutoff (Å) are edges.
+        batch: [N] graph index of each atom (None: one graph); pairs never cross graphs.
+        max_num_neighbors: keep only this many nearest neighbours per centre (None: all).
+    Returns:
+        edge_index [2, E]: row 0 = neighbour j (source), row 1 = centre i (target), sorted by (i, j).
+    """
+    edge_index, _ = radius_graph_pbc(pos, None, None, cutoff, batch, max_num_neighbors=max_num_neighbors, method=method)
+    return edge_index
