@@ -1,0 +1,47 @@
+"""GATr's algebra: the projective geometric algebra G(3,0,1) on 16-dim multivectors.
+
+Blade order: 1, e0, e1, e2, e3, e01, e02, e03, e12, e13, e23, e012, e013, e023, e123, e0123.
+"""
+
+from equiformer.ga.algebra import BLADE_NAMES, GRADES, blade_index
+from equiformer.ga.embedding import (
+    embed_direction,
+    embed_plane,
+    embed_point,
+    embed_pseudoscalar,
+    embed_reflection,
+    embed_rotation,
+    embed_scalar,
+    embed_translation,
+    extract_direction,
+    extract_plane,
+    extract_point,
+    extract_pseudoscalar,
+    extract_scalar,
+    quaternion_to_matrix,
+)
+from equiformer.ga.products import (
+    dual,
+    geometric_product,
+    grade_involution,
+    grade_project,
+    inner_product,
+    join,
+    norm,
+    outer_product,
+    reverse,
+    sandwich,
+    undual,
+    versor_inverse,
+)
+from equiformer.ga.transforms import random_e3
+
+__all__ = [
+    "BLADE_NAMES", "GRADES", "blade_index",
+    "geometric_product", "outer_product", "join", "inner_product", "norm", "reverse",
+    "grade_involution", "dual", "undual", "grade_project", "versor_inverse", "sandwich",
+    "embed_scalar", "extract_scalar", "embed_pseudoscalar", "extract_pseudoscalar",
+    "embed_point", "extract_point", "embed_direction", "extract_direction",
+    "embed_plane", "extract_plane", "embed_translation", "embed_rotation", "embed_reflection",
+    "quaternion_to_matrix", "random_e3",
+]
