@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["as_batched_cell_pbc", "effective_cell", "perpendicular_heights", "wrap_positions"]
+__all__ = ["as_batched_cell_pbc", "effective_cell", "perpendicular_heights", "reduce_cell", "wrap_positions"]
 
 
 def as_batched_cell_pbc(
@@ -46,6 +46,42 @@ def as_batched_cell_pbc(
     if pbc.shape[0] != num_graphs:
         raise ValueError(f"pbc holds {pbc.shape[0]} rows but the batch has {num_graphs} graphs")
     return cell, pbc
+
+
+def reduce_cell(cell: Tensor, pbc: Tensor, max_iter: int = 100) -> tuple[Tensor, Tensor]:
+    """Pairwise (Gauss) reduction of the periodic lattice vectors, batched over graphs.
+
+    Repeats ``a_k -= round(a_k.a_l / a_l.a_l) a_l`` over pairs of periodic directions until no
+    vector shortens. The lattice is unchanged, but a strongly skewed cell becomes a compact one whose
+    perpendicular heights are close to its vector lengths, so far fewer periodic images are needed.
+
+    Args:
+        cell: [B, 3, 3] lattice rows (float64 recommended).
+        pbc: [B, 3] bool; non-periodic rows are left alone.
+    Returns:
+        (reduced [B, 3, 3], M [B, 3, 3] long) with ``reduced = M @ cell`` and ``det M = +-1``. An image
+        shift ``s`` in the reduced basis is ``s @ M`` in the original one.
+    """
+    red = cell.clone()
+    B = cell.shape[0]
+    trans = torch.eye(3, dtype=cell.dtype, device=cell.device).repeat(B, 1, 1)
+    pairs = [(k, l) for k in range(3) for l in range(3) if k != l]
+    both = {(k, l): pbc[:, k] & pbc[:, l] for k, l in pairs}
+    if not any(bool(v.any()) for v in both.values()):
+        return red, trans.long()
+    for _ in range(max_iter):
+        changed = torch.zeros((), dtype=torch.bool, device=cell.device)
+        for k, l in pairs:
+            num = (red[:, k] * red[:, l]).sum(-1)
+            den = (red[:, l] * red[:, l]).sum(-1)
+            q = torch.round(num / den.clamp_min(1e-300))
+            q = torch.where(both[(k, l)] & torch.isfinite(q) & (den > 0), q, torch.zeros_like(q))
+            red[:, k] -= q.unsqueeze(-1) * red[:, l]
+            trans[:, k] -= q.unsqueeze(-1) * trans[:, l]
+            changed |= (q != 0).any()
+        if not bool(changed):
+            break
+    return red, trans.round().long()
 
 
 def _unit(v: Tensor) -> Tensor:

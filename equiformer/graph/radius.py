@@ -2,7 +2,8 @@
 
 Algorithm (no Python loop over atoms):
 
-1. Per graph, an *effective cell* (periodic rows = lattice vectors, other rows = orthonormal
+1. Per graph, the periodic lattice vectors are reduced (pairwise Gauss reduction, so skewed
+   cells need few images) and an *effective cell* (periodic rows = lattice vectors, other rows = orthonormal
    complement) gives fractional coordinates; atoms are wrapped into [0, 1) along periodic
    directions, remembering the integer offsets.
 2. Ghost atoms: every atom is replicated at the integer shifts S that bring it within
@@ -24,20 +25,21 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .pbc import as_batched_cell_pbc, effective_cell, perpendicular_heights, wrap_positions
+from .pbc import as_batched_cell_pbc, effective_cell, perpendicular_heights, reduce_cell, wrap_positions
 
 __all__ = ["radius_graph", "radius_graph_pbc", "neighbor_search"]
 
 Method = Literal["auto", "cell_list", "brute"]
 
 #: graphs with (atoms x ghost atoms) up to this use a single bin (all pairs)
-BRUTE_FORCE_PAIRS = 1 << 16
+BRUTE_FORCE_PAIRS = 1 << 17
+#: bins per cutoff length in the cell list (bin width = cutoff / BINS_PER_CUTOFF)
+BINS_PER_CUTOFF = 2
 #: candidate pairs processed at once (bounds memory: ~100 bytes per candidate)
 CHUNK_CANDIDATES = 1 << 21
 _FRAC_EPS = 1e-6  # fractional margin when choosing ghost shifts
 _REL_MARGIN = 1e-5  # relative margin of the candidate filter and bin size; exact check follows
 
-_OFFSETS_27 = torch.tensor([[a, b, c] for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)], dtype=torch.long)
 
 
 def _exclusive_cumsum(x: Tensor) -> Tensor:
@@ -125,8 +127,14 @@ def neighbor_search(
         cell = cell.detach()
         # --- 1. effective cell, fractional coordinates, wrapping (float64 for robust integer decisions)
         pbc_any = pbc.any(dim=1)
+        transform = None  # [B, 3, 3] long: reduced-basis shifts -> original-basis shifts
+        search_cell = cell  # lattice used for the search (reduced where that helps)
         if bool(pbc_any.any()):
-            eff = effective_cell(cell.double(), pbc)
+            red, trans = reduce_cell(cell.double(), pbc)
+            if not bool((trans == torch.eye(3, dtype=torch.long, device=device)).all()):
+                transform = trans
+                search_cell = red.to(dtype)
+            eff = effective_cell(red, pbc)
             heights = perpendicular_heights(eff)  # [B, 3]
             frac = torch.einsum("nk,nkl->nl", pos.double(), torch.linalg.inv(eff)[batch])
             pbc_atom = pbc[batch]
@@ -151,15 +159,16 @@ def neighbor_search(
         s0 = t // (sp[:, 2] * sp[:, 1])
         gS = lo[gatom] + torch.stack([s0, s1, s2], dim=1)  # [G, 3]
         gbatch = batch[gatom]
-        has_shift = bool((gS != 0).any()) or bool((off != 0).any())
+        wrapped = bool((off != 0).any())
+        has_shift = wrapped or bool((gS != 0).any())
         if has_shift:
-            gpos = pos[gatom] + torch.einsum("gk,gkl->gl", (gS - off[gatom]).to(dtype), cell[gbatch])
-            cpos = pos - torch.einsum("nk,nkl->nl", off.to(dtype), cell[batch])
+            gpos = pos[gatom] + torch.einsum("gk,gkl->gl", (gS - off[gatom]).to(dtype), search_cell[gbatch])
+            cpos = pos - torch.einsum("nk,nkl->nl", off.to(dtype), search_cell[batch])
         else:
             gpos = pos[gatom]
             cpos = pos
 
-        # --- 3. bins: one per graph (all pairs) or cubes of side >= cutoff
+        # --- 3. bins: one per graph (all pairs) or cubes of side cutoff / BINS_PER_CUTOFF
         natoms = torch.bincount(batch, minlength=num_graphs)
         nghost = torch.bincount(gbatch, minlength=num_graphs)
         if method == "brute":
@@ -169,16 +178,17 @@ def neighbor_search(
         else:
             use_cells = natoms * nghost > BRUTE_FORCE_PAIRS
         any_cells = bool(use_cells.any())
+        m = BINS_PER_CUTOFF if any_cells else 1
         if any_cells:
             big = torch.finfo(dtype).max
-            lo_b = torch.full((num_graphs, 3), big, dtype=dtype, device=device)
-            lo_b = lo_b.scatter_reduce(0, gbatch.unsqueeze(1).expand(-1, 3), gpos, "amin")
-            hi_b = torch.full((num_graphs, 3), -big, dtype=dtype, device=device)
-            hi_b = hi_b.scatter_reduce(0, gbatch.unsqueeze(1).expand(-1, 3), gpos, "amax")
-            extent = (hi_b - lo_b).clamp_min(0)
-            extent = torch.where(natoms.unsqueeze(1) > 0, extent, torch.zeros_like(extent))
-            lo_b = torch.where(natoms.unsqueeze(1) > 0, lo_b, torch.zeros_like(lo_b))
-            binsize = torch.clamp(extent.amax(dim=1) / 2**15, min=cutoff * (1 + _REL_MARGIN))  # [B]
+            idx3 = gbatch.unsqueeze(1).expand(-1, 3)
+            lo_b = torch.full((num_graphs, 3), big, dtype=dtype, device=device).scatter_reduce(0, idx3, gpos, "amin")
+            hi_b = torch.full((num_graphs, 3), -big, dtype=dtype, device=device).scatter_reduce(0, idx3, gpos, "amax")
+            has = (natoms > 0).unsqueeze(1)
+            extent = torch.where(has, (hi_b - lo_b).clamp_min(0), torch.zeros_like(hi_b))
+            lo_b = torch.where(has, lo_b, torch.zeros_like(lo_b))
+            # bin width >= cutoff / m (a little more for rounding); at most 2**15 bins per direction
+            binsize = torch.clamp(extent.amax(dim=1) / 2**15, min=cutoff / m * (1 + _REL_MARGIN))  # [B]
             dims = (torch.floor(extent / binsize.unsqueeze(1)).long() + 1).clamp_min(1)
             dims = torch.where(use_cells.unsqueeze(1), dims, torch.ones_like(dims))
 
@@ -198,30 +208,36 @@ def neighbor_search(
             d = dims[b]
             return graph_base[b] + (ijk[:, 0] * d[:, 1] + ijk[:, 1]) * d[:, 2] + ijk[:, 2]
 
-        sorted_keys, order = torch.sort(key_of(gijk, gbatch), stable=True)
+        gkey, order = torch.sort(key_of(gijk, gbatch), stable=True)
+        gpos, gatom, gS = gpos[order], gatom[order], gS[order]
 
-        # --- 4. candidate ranges: for each centre, the ghosts of each neighbouring bin
-        offsets = _OFFSETS_27.to(device) if any_cells else torch.zeros(1, 3, dtype=torch.long, device=device)
-        cdims = dims[batch]
+        # --- 4. candidate ranges: bins of one (x, y) column are consecutive keys, so each stencil
+        # column (dx, dy, |dz| <= h) is one contiguous range of sorted ghosts
+        ckey = key_of(cijk, batch)
+        corder = torch.sort(ckey, stable=True).indices  # centres in bin order (memory locality)
+        cijk_o, cb_o = cijk[corder], batch[corder]
+        cdims = dims[cb_o]
         starts, counts = [], []
-        for o in offsets:
-            nb = cijk + o
-            valid = ((nb >= 0) & (nb < cdims)).all(dim=1)
-            k = key_of(nb.clamp_min(0), batch)
-            s = torch.searchsorted(sorted_keys, k, right=False)
-            e = torch.searchsorted(sorted_keys, k, right=True)
+        for dx, dy, h in _stencil(m) if any_cells else [(0, 0, 0)]:
+            nb = cijk_o + torch.tensor([dx, dy, 0], device=device)
+            valid = (nb[:, :2] >= 0).all(dim=1) & (nb[:, :2] < cdims[:, :2]).all(dim=1)
+            nb = torch.minimum(nb.clamp_min(0), cdims - 1)
+            k0 = key_of(torch.stack([nb[:, 0], nb[:, 1], (cijk_o[:, 2] - h).clamp_min(0)], 1), cb_o)
+            k1 = key_of(torch.stack([nb[:, 0], nb[:, 1], torch.minimum(cijk_o[:, 2] + h, cdims[:, 2] - 1)], 1), cb_o)
+            s = torch.searchsorted(gkey, k0, right=False)
+            e = torch.searchsorted(gkey, k1, right=True)
             starts.append(s)
             counts.append(torch.where(valid, e - s, torch.zeros_like(s)))
         start = torch.stack(starts, dim=1).reshape(-1)
         count = torch.stack(counts, dim=1).reshape(-1)
-        centre = torch.arange(n, device=device).repeat_interleave(offsets.shape[0])
+        centre = corder.repeat_interleave(len(starts))
         nz = count > 0
         start, count, centre = start[nz], count[nz], centre[nz]
 
         # --- 5. chunked expansion, loose filter on ghost positions, exact check on original positions
         cut_loose = (cutoff * (1 + _REL_MARGIN)) ** 2
+        one_cell = cell[0] if num_graphs == 1 else None
         csum = torch.cumsum(count, dim=0)
-        total = int(csum[-1]) if csum.numel() else 0
         out_i, out_j, out_s, out_d = [], [], [], []
         pos_entry = 0
         num_entries = count.numel()
@@ -229,19 +245,28 @@ def neighbor_search(
             base = int(csum[pos_entry - 1]) if pos_entry > 0 else 0
             end_entry = int(torch.searchsorted(csum, base + CHUNK_CANDIDATES, right=True))
             end_entry = max(end_entry, pos_entry + 1)
-            st, ct, ce = start[pos_entry:end_entry], count[pos_entry:end_entry], centre[pos_entry:end_entry]
+            st, ct = start[pos_entry:end_entry], count[pos_entry:end_entry]
             tot = int(csum[end_entry - 1]) - base
-            rid, gidx = _expand_ranges(st, ct, tot)
-            ci = ce[rid]
-            gi = order[gidx]
-            d = gpos[gi] - cpos[ci]
-            keep = (d * d).sum(dim=1) < cut_loose
+            ci = torch.repeat_interleave(centre[pos_entry:end_entry], ct, output_size=tot)
+            gi = torch.repeat_interleave(st - (csum[pos_entry:end_entry] - ct - base), ct, output_size=tot)
+            gi += torch.arange(tot, device=device)
+            d = gpos[gi]
+            d -= cpos[ci]
+            d.mul_(d)
+            keep = (d.sum(dim=1) < cut_loose).nonzero().squeeze(1)
             ci, gi = ci[keep], gi[keep]
             j = gatom[gi]
-            shift = gS[gi] - off[j] + off[ci]
+            shift = gS[gi]
+            if wrapped:
+                shift = shift - off[j] + off[ci]
+            if transform is not None:
+                shift = (shift.unsqueeze(-1) * transform[batch[j]]).sum(dim=1)
             vec = pos[j] - pos[ci]
             if has_shift:
-                vec = vec + torch.einsum("ek,ekl->el", shift.to(dtype), cell[batch[j]])
+                if one_cell is not None:
+                    vec += shift.to(dtype) @ one_cell
+                else:
+                    vec += torch.einsum("ek,ekl->el", shift.to(dtype), cell[batch[j]])
             dist = torch.linalg.vector_norm(vec, dim=1)
             keep = (dist < cutoff) & ~((j == ci) & (shift == 0).all(dim=1))
             out_i.append(ci[keep])
@@ -249,7 +274,6 @@ def neighbor_search(
             out_s.append(shift[keep])
             out_d.append(dist[keep])
             pos_entry = end_entry
-        del total
         if not out_i:
             return empty
         i = torch.cat(out_i)
@@ -260,11 +284,30 @@ def neighbor_search(
         return torch.stack([j[perm], i[perm]]), shift[perm], dist[perm]
 
 
+def _stencil(m: int) -> list[tuple[int, int, int]]:
+    """Columns (dx, dy, h) of bins (width cutoff/m) that can hold points within cutoff of a bin.
+
+    A bin at offset (dx, dy, dz) is needed when sum_k max(|d_k| - 1, 0)^2 < m^2; for each (dx, dy)
+    this holds for |dz| <= h.
+    """
+    cols = []
+    for dx in range(-m, m + 1):
+        for dy in range(-m, m + 1):
+            r2 = max(abs(dx) - 1, 0) ** 2 + max(abs(dy) - 1, 0) ** 2
+            if r2 >= m * m:
+                continue
+            h = 0
+            while max(h, 0) ** 2 + r2 < m * m:  # (|dz| - 1)^2 + r2 < m^2 with |dz| = h + 1
+                h += 1
+            cols.append((dx, dy, h))
+    return cols
+
+
 def _sort_edges(i: Tensor, j: Tensor, shift: Tensor, n: int) -> Tensor:
     """Permutation that orders edges by (i, j, shift) lexicographically."""
     if i.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=i.device)
-    m = int(shift.abs().max())
+    m = max(int(shift.amax()), -int(shift.amin()))
     w = 2 * m + 1
     code = ((shift[:, 0] + m) * w + (shift[:, 1] + m)) * w + (shift[:, 2] + m)
     if n * n * w**3 < 2**62:
