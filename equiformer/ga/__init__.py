@@ -35,6 +35,10 @@ from equiformer.ga.products import (
     versor_inverse,
 )
 from equiformer.ga.transforms import random_e3
+from equiformer.ga.layers import EquiLayerNorm, EquiLinear, GeometricBilinear, GradeDropout, ScalarGatedGELU
+from equiformer.ga.attention import SelfAttention, geometric_attention
+from equiformer.ga.net import GATr, AxialGATr, GATrBlock, from_padded, reference_multivector, to_padded
+from equiformer.ga.encoder import GATrPointEncoder
 
 __all__ = [
     "BLADE_NAMES", "GRADES", "blade_index",
@@ -44,4 +48,7 @@ __all__ = [
     "embed_point", "extract_point", "embed_direction", "extract_direction",
     "embed_plane", "extract_plane", "embed_translation", "embed_rotation", "embed_reflection",
     "quaternion_to_matrix", "random_e3",
+    "EquiLinear", "GeometricBilinear", "EquiLayerNorm", "ScalarGatedGELU", "GradeDropout",
+    "SelfAttention", "geometric_attention", "GATrBlock", "GATr", "AxialGATr", "GATrPointEncoder",
+    "reference_multivector", "to_padded", "from_padded",
 ]

@@ -1,0 +1,485 @@
+"""GATr layers, attention, net and point encoder: E(3) equivariance in float64 and behaviour."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from equiformer.ga import (
+    AxialGATr,
+    EquiLayerNorm,
+    EquiLinear,
+    GATr,
+    GATrBlock,
+    GATrPointEncoder,
+    GeometricBilinear,
+    GradeDropout,
+    ScalarGatedGELU,
+    SelfAttention,
+    embed_point,
+    extract_point,
+    geometric_attention,
+    inner_product,
+    random_e3,
+    sandwich,
+)
+from equiformer.ga.algebra import GRADES
+from equiformer.ga.layers import equi_linear_basis
+from equiformer.ga.transforms import KINDS
+
+DT = torch.float64
+TOL = dict(rtol=0, atol=1e-10)
+torch.set_num_threads(1)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def rand_inputs(g, lead=(2, 5), c=3, s=4, scale=1.0):
+    mv = torch.randn(*lead, c, 16, dtype=DT, generator=g) * scale
+    sc = torch.randn(*lead, s, dtype=DT, generator=g)
+    return mv, sc
+
+
+def versor_for(kind, g, batch=2):
+    """A versor per batch element, shaped [B, 1, 1, 16] to act on mv [B, N, C, 16]."""
+    u, _, _ = random_e3(kind, (batch,), generator=g)
+    return u[:, None, None, :]
+
+
+def rep_matrix(u: torch.Tensor) -> torch.Tensor:
+    """The 16x16 matrix R with sandwich(u, x) = x @ R."""
+    return sandwich(u.expand(16, 16), torch.eye(16, dtype=DT))
+
+
+# --- equivariant linear maps -------------------------------------------------------------
+
+
+def test_nine_basis_maps_span_the_equivariant_linear_maps():
+    """Solve M R_g = R_g M for random rotations, translations and reflections: the solution
+    space is 9-dimensional and spanned by our basis (5 grade projections, 4 e0 maps)."""
+    g = gen(0)
+    eye = torch.eye(16, dtype=DT)
+    rows = []
+    for kind in KINDS:
+        for _ in range(2):
+            u, _, _ = random_e3(kind, (), generator=g)
+            r = rep_matrix(u)
+            # vec(M R - R M) = (R^T kron I - I kron R) vec(M)  (row-major vec)
+            rows.append(torch.kron(eye, r.T.contiguous()) - torch.kron(r, eye))
+    system = torch.cat(rows)
+    sv = torch.linalg.svdvals(system)
+    null_dim = int((sv < 1e-9 * sv.max()).sum())
+    assert null_dim == 9
+    basis = equi_linear_basis(dtype=DT)
+    flat = basis.reshape(9, 256)
+    assert torch.linalg.matrix_rank(flat) == 9
+    torch.testing.assert_close(system @ flat.T, torch.zeros(system.shape[0], 9, dtype=DT), **TOL)
+
+
+def test_equilinear_matches_basis_sum_and_is_equivariant():
+    g = gen(1)
+    lin = EquiLinear(3, 5, 4, 6).double()
+    with torch.no_grad():
+        for p in lin.parameters():
+            p.normal_(generator=g)
+    mv, s = rand_inputs(g)
+    out_mv, out_s = lin(mv, s)
+    assert out_mv.shape == (2, 5, 5, 16) and out_s.shape == (2, 5, 6)
+    # reference: explicit sum over basis maps, scalar couplings and biases
+    basis = equi_linear_basis(dtype=DT)
+    ref = torch.einsum("oib,...ix,bxy->...oy", lin.weight, mv, basis)
+    ref[..., 0] += s @ lin.s2mv.T + lin.bias_mv
+    torch.testing.assert_close(out_mv, ref, **TOL)
+    torch.testing.assert_close(out_s, mv[..., 0] @ lin.mv2s.T + s @ lin.s2s.T + lin.bias_s, **TOL)
+    for kind in KINDS:
+        u = versor_for(kind, g)
+        mv2, s2 = lin(sandwich(u, mv), s)
+        torch.testing.assert_close(mv2, sandwich(u, out_mv), **TOL)
+        torch.testing.assert_close(s2, out_s, **TOL)
+    with pytest.raises(ValueError, match="EquiLinear expects multivectors"):
+        lin(mv[..., :2, :], s)
+
+
+def test_equilinear_without_scalars_and_init_scale():
+    g = gen(2)
+    torch.manual_seed(2)
+    lin = EquiLinear(64, 64).double()
+    mv = torch.randn(256, 64, 16, dtype=DT, generator=g)
+    out, s = lin(mv)
+    assert s.shape == (256, 0)
+    assert 0.5 < out.std().item() < 2.0  # roughly variance-preserving initialisation
+
+
+# --- bilinear, norm, gate, dropout -------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_geometric_bilinear_equivariant_with_reference(kind):
+    g = gen(3)
+    torch.manual_seed(3)
+    layer = GeometricBilinear(3, 4, 4, 2, hidden_mv=6).double()
+    mv, s = rand_inputs(g)
+    ref = torch.randn(2, 1, 16, dtype=DT, generator=g)  # [B, N(bcast), 16]
+    out_mv, out_s = layer(mv, s, reference=ref)
+    u = versor_for(kind, g)
+    mv2, s2 = layer(sandwich(u, mv), s, reference=sandwich(u[:, 0], ref))
+    torch.testing.assert_close(mv2, sandwich(u, out_mv), **TOL)
+    torch.testing.assert_close(s2, out_s, **TOL)
+
+
+def test_join_without_reference_breaks_only_reflections():
+    """Shows the test above can fail: the plain join is not reflection-equivariant."""
+    g = gen(4)
+    torch.manual_seed(4)
+    layer = GeometricBilinear(3, 4, 4, 2).double()
+    mv, s = rand_inputs(g)
+    out_mv, _ = layer(mv, s)
+    for kind, ok in (("se3", True), ("e3_odd", False)):
+        u = versor_for(kind, g)
+        err = (layer(sandwich(u, mv), s)[0] - sandwich(u, out_mv)).abs().max().item()
+        assert (err < 1e-10) == ok, (kind, err)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_norm_and_gated_gelu_equivariant(kind):
+    g = gen(5)
+    mv, s = rand_inputs(g, scale=3.0)
+    u = versor_for(kind, g)
+    for layer in (EquiLayerNorm(), ScalarGatedGELU()):
+        out_mv, out_s = layer(mv, s)
+        mv2, s2 = layer(sandwich(u, mv), s)
+        torch.testing.assert_close(mv2, sandwich(u, out_mv), **TOL)
+        torch.testing.assert_close(s2, out_s, **TOL)
+    n_mv, n_s = EquiLayerNorm(eps=0.0)(mv, s)
+    torch.testing.assert_close(inner_product(n_mv, n_mv).mean(-1), torch.ones(2, 5, dtype=DT), **TOL)
+    torch.testing.assert_close(n_s.mean(-1), torch.zeros(2, 5, dtype=DT), **TOL)
+    g_mv, _ = ScalarGatedGELU()(mv, s)
+    gate = torch.nn.functional.gelu(mv[..., :1], approximate="tanh")
+    torch.testing.assert_close(g_mv, mv * gate, **TOL)
+
+
+def test_grade_dropout_drops_whole_grades_and_is_equivariant():
+    g = gen(6)
+    mv, s = rand_inputs(g, lead=(4, 6), c=8)
+    drop = GradeDropout(0.5).train()
+    torch.manual_seed(0)
+    out, _ = drop(mv, s)
+    grades = torch.as_tensor(GRADES.tolist())
+    ratio = out / mv
+    for k in range(5):
+        r = ratio[..., grades == k]
+        assert torch.all((r == 0) | (r - 2.0).abs().lt(1e-12))
+        assert torch.all(r.amax(-1) == r.amin(-1))  # one decision per grade and channel
+    assert 0.3 < (ratio[..., 0] == 0).double().mean().item() < 0.7
+    u = versor_for("e3_odd", g, batch=4)
+    torch.manual_seed(0)
+    out2, _ = drop(sandwich(u, mv), s)
+    torch.testing.assert_close(out2, sandwich(u, out), **TOL)
+    drop.eval()
+    assert torch.equal(drop(mv, s)[0], mv)
+
+
+# --- attention ---------------------------------------------------------------------------
+
+
+def explicit_attention(q_mv, k_mv, v_mv, q_s, k_s, v_s, mask, distance):
+    """Reference: logits from inner_product and explicit point distances, softmax, weighted sum."""
+    logits = inner_product(q_mv[..., :, None, :, :], k_mv[..., None, :, :, :]).sum(-1)
+    logits = logits + (q_s[..., :, None, :] * k_s[..., None, :, :]).sum(-1)
+    dim = 8 * q_mv.shape[-2] + q_s.shape[-1]
+    if distance:
+        qw, kw = q_mv[..., 14], k_mv[..., 14]  # [B, H, N, C]
+        qo, ko = q_mv[..., 11:14], k_mv[..., 11:14]
+        diff = qw[..., :, None, :, None] * ko[..., None, :, :, :] - kw[..., None, :, :, None] * qo[..., :, None, :, :]
+        logits = logits - (diff**2).sum((-1, -2))
+        dim += 5 * q_mv.shape[-2]
+    logits = logits / math.sqrt(dim)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    w = logits.softmax(-1)
+    return torch.einsum("...nm,...mcx->...ncx", w, v_mv), torch.einsum("...nm,...ms->...ns", w, v_s)
+
+
+@pytest.mark.parametrize("distance", [True, False])
+def test_sdpa_attention_matches_explicit_formula(distance):
+    g = gen(7)
+    shape = (2, 3, 6)  # B, H, N
+    q_mv, k_mv, v_mv = (torch.randn(*shape, 2, 16, dtype=DT, generator=g) for _ in range(3))
+    q_s, k_s, v_s = (torch.randn(*shape, 3, dtype=DT, generator=g) for _ in range(3))
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    mask[1, ..., 4:] = False
+    got = geometric_attention(q_mv, k_mv, v_mv, q_s, k_s, v_s, mask=mask, distance=distance)
+    want = explicit_attention(q_mv, k_mv, v_mv, q_s, k_s, v_s, mask, distance)
+    torch.testing.assert_close(got[0], want[0], **TOL)
+    torch.testing.assert_close(got[1], want[1], **TOL)
+
+
+def test_distance_term_is_minus_squared_distance_for_points():
+    from equiformer.ga.attention import attention_features
+
+    g = gen(8)
+    a, b = torch.randn(2, 5, 3, dtype=DT, generator=g) * 4
+    empty = torch.zeros(5, 0, dtype=DT)
+    qa = attention_features(embed_point(a)[:, None], empty, "query")
+    kb = attention_features(embed_point(b)[:, None], empty, "key")
+    ip = (qa[:, :8] * kb[:, :8]).sum(-1)
+    torch.testing.assert_close(ip, torch.ones(5, dtype=DT), **TOL)  # e123 . e123
+    dist = (qa[:, 8:] * kb[:, 8:]).sum(-1)
+    torch.testing.assert_close(dist, -((a - b) ** 2).sum(-1), **TOL)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_self_attention_equivariant_and_mask(kind):
+    g = gen(9)
+    torch.manual_seed(9)
+    attn = SelfAttention(3, 4, num_heads=2, head_mv=2, head_s=3).double()
+    mv, s = rand_inputs(g, lead=(2, 6))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 4:] = False
+    out_mv, out_s = attn(mv, s, mask=mask)
+    u = versor_for(kind, g)
+    mv2, s2 = attn(sandwich(u, mv), s, mask=mask)
+    torch.testing.assert_close(mv2, sandwich(u, out_mv), **TOL)
+    torch.testing.assert_close(s2, out_s, **TOL)
+    # padded items do not influence real ones
+    mv3, s3 = mv.clone(), s.clone()
+    mv3[0, 4:] = 100.0
+    s3[0, 4:] = -7.0
+    mv4, s4 = attn(mv3, s3, mask=mask)
+    torch.testing.assert_close(mv4[0, :4], out_mv[0, :4], **TOL)
+    torch.testing.assert_close(s4[0, :4], out_s[0, :4], **TOL)
+
+
+# --- blocks and nets -----------------------------------------------------------------------
+
+
+def small_gatr(**kw):
+    torch.manual_seed(10)
+    args = dict(in_mv_channels=2, out_mv_channels=3, hidden_mv_channels=6, in_s_channels=3, out_s_channels=2,
+                hidden_s_channels=8, num_blocks=2, num_heads=2)
+    args.update(kw)
+    return GATr(**args).double()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_block_and_gatr_equivariant(kind):
+    g = gen(11)
+    mv, s = rand_inputs(g, lead=(2, 5), c=2, s=3, scale=2.0)
+    u = versor_for(kind, g)
+    torch.manual_seed(11)
+    block = GATrBlock(2, 3, num_heads=2, head_mv=2, head_s=2).double()
+    ref = mv.mean((-2, -3))[:, None]  # [B, 1, 16]
+    o_mv, o_s = block(mv, s, reference=ref)
+    b_mv, b_s = block(sandwich(u, mv), s, reference=sandwich(u[:, 0], ref))
+    torch.testing.assert_close(b_mv, sandwich(u, o_mv), **TOL)
+    torch.testing.assert_close(b_s, o_s, **TOL)
+
+    net = small_gatr()
+    out_mv, out_s = net(mv, s)
+    mv2, s2 = net(sandwich(u, mv), s)
+    torch.testing.assert_close(mv2, sandwich(u, out_mv), **TOL)
+    torch.testing.assert_close(s2, out_s, **TOL)
+
+
+def test_gatr_float32_equivariance_and_permutation():
+    g = gen(12)
+    net = small_gatr().float()
+    mv, s = rand_inputs(g, lead=(2, 7), c=2, s=3)
+    mv, s = mv.float(), s.float()
+    u = versor_for("e3_odd", g).float()
+    out_mv, out_s = net(mv, s)
+    mv2, s2 = net(sandwich(u, mv), s)
+    torch.testing.assert_close(mv2, sandwich(u, out_mv), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s2, out_s, rtol=1e-4, atol=1e-4)
+    perm = torch.randperm(7, generator=g)
+    mv3, s3 = net(mv[:, perm], s[:, perm])
+    torch.testing.assert_close(mv3, out_mv[:, perm], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s3, out_s[:, perm], rtol=1e-5, atol=1e-5)
+
+
+def test_gatr_variable_size_sets_padding_and_pyg_batch():
+    g = gen(13)
+    net = small_gatr()
+    sizes = [3, 6, 1]
+    sets = [rand_inputs(g, lead=(n,), c=2, s=3) for n in sizes]
+    singles = [net(m[None], s[None]) for m, s in sets]
+    # flat PyG-style batch vector
+    mv = torch.cat([m for m, _ in sets])
+    s = torch.cat([x for _, x in sets])
+    batch = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
+    f_mv, f_s = net.forward_flat(mv, s, batch)
+    torch.testing.assert_close(f_mv, torch.cat([o[0][0] for o in singles]), **TOL)
+    torch.testing.assert_close(f_s, torch.cat([o[1][0] for o in singles]), **TOL)
+    # padding outputs are zero, and the masked net is still equivariant
+    from equiformer.ga import to_padded
+
+    p_mv, mask = to_padded(mv, batch)
+    p_s, _ = to_padded(s, batch)
+    o_mv, o_s = net(p_mv, p_s, mask=mask)
+    assert torch.all(o_mv[~mask] == 0) and torch.all(o_s[~mask] == 0)
+    u = random_e3("e3_odd", (3,), generator=g)[0][:, None, None, :]
+    o2_mv, _ = net(sandwich(u, p_mv), p_s, mask=mask)
+    torch.testing.assert_close(o2_mv, sandwich(u, o_mv), **TOL)
+
+
+def test_gatr_config_errors_checkpoint_and_gradients():
+    net = small_gatr(dropout=0.1, checkpoint_blocks=True)
+    assert json.loads(json.dumps(net.config)) == net.config
+    g = gen(14)
+    mv, s = rand_inputs(g, lead=(2, 4), c=2, s=3)
+    with pytest.raises(ValueError, match="multivectors"):
+        net(mv[..., :1, :], s)
+    with pytest.raises(ValueError, match="scalars"):
+        net(mv, s[..., :2])
+    with pytest.raises(ValueError, match="in_s_channels=3"):
+        net(mv)
+    net.train()
+    out_mv, out_s = net(mv, s)
+    (out_mv.square().sum() + out_s.square().sum()).backward()
+    grads = [p.grad for p in net.parameters()]
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+    assert sum(float(gr.abs().sum() > 0) for gr in grads) > 0.9 * len(grads)
+
+
+@pytest.mark.parametrize("kind", ["se3", "e3_odd"])
+def test_axial_gatr_equivariant(kind):
+    g = gen(15)
+    torch.manual_seed(15)
+    net = AxialGATr(2, 2, 4, 1, 1, 4, num_blocks=2, num_heads=2).double()
+    mv = torch.randn(2, 3, 4, 2, 16, dtype=DT, generator=g)
+    s = torch.randn(2, 3, 4, 1, dtype=DT, generator=g)
+    u = random_e3(kind, (2,), generator=g)[0][:, None, None, None, :]
+    out_mv, out_s = net(mv, s)
+    mv2, s2 = net(sandwich(u, mv), s)
+    torch.testing.assert_close(mv2, sandwich(u, out_mv), **TOL)
+    torch.testing.assert_close(s2, out_s, **TOL)
+    # both item axes are mixed: changing one item changes outputs in its row and column
+    mv3 = mv.clone()
+    mv3[0, 0, 0] += 1.0
+    diff = (net(mv3, s)[0] - out_mv).abs().sum((-1, -2))[0]
+    assert diff[1, 1] > 0 and diff[2, 3] > 0
+
+
+def test_gatr_learns_the_centroid():
+    """A tiny GATr learns to output the centroid of a random cloud as a point: a real,
+    if small, fit that needs attention (the distance/inner-product logits) to pool."""
+    torch.manual_seed(0)
+    net = GATr(1, 1, 8, 1, 1, 8, num_blocks=1, num_heads=2)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    g = gen(16)
+
+    def batch():
+        p = torch.randn(32, 6, 3, generator=g)
+        return embed_point(p)[:, :, None], torch.ones(32, 6, 1), p.mean(1, keepdim=True).expand(-1, 6, -1)
+
+    def loss_fn():
+        mv, s, target = batch()
+        out, _ = net(mv, s)
+        return (out[..., 0, 11:14] - embed_point(target)[..., 11:14]).square().mean()
+
+    with torch.no_grad():
+        start = sum(loss_fn().item() for _ in range(3)) / 3
+    for _ in range(150):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        end = sum(loss_fn().item() for _ in range(3)) / 3
+    assert end < 0.01 * start, (start, end)
+
+
+# --- point encoder ------------------------------------------------------------------------
+
+
+def encoder(**kw):
+    torch.manual_seed(17)
+    args = dict(out_mv_channels=2, out_s_channels=3, hidden_mv_channels=4, hidden_s_channels=6, num_blocks=1,
+                num_heads=2, in_features=2, use_normals=True)
+    args.update(kw)
+    return GATrPointEncoder(**args).double()
+
+
+def cloud(g, b=2, n=8):
+    p = torch.randn(b, n, 3, dtype=DT, generator=g) * 2
+    nrm = torch.randn(b, n, 3, dtype=DT, generator=g)
+    nrm = nrm / nrm.norm(dim=-1, keepdim=True)
+    f = torch.randn(b, n, 2, dtype=DT, generator=g)
+    return p, nrm, f
+
+
+def move(kind, g, p, n, b=2):
+    u, r, t = random_e3(kind, (b,), generator=g)
+    p2 = torch.einsum("bij,bnj->bni", r, p) + t[:, None]
+    n2 = torch.einsum("bij,bnj->bni", r, n)
+    return u[:, None, None, :], p2, n2, r, t
+
+
+@pytest.mark.parametrize("kind", ["rotation", "translation", "se3"])
+def test_point_encoder_se3_equivariant(kind):
+    g = gen(18)
+    enc = encoder()
+    p, n, f = cloud(g)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[1, 6:] = False
+    out_mv, out_s = enc(p, n, f, mask=mask)
+    assert out_mv.shape == (2, 8, 2, 16) and out_s.shape == (2, 8, 3)
+    u, p2, n2, r, t = move(kind, g, p, n)
+    mv2, s2 = enc(p2, n2, f, mask=mask)
+    torch.testing.assert_close(mv2, sandwich(u, out_mv), **TOL)
+    torch.testing.assert_close(s2, out_s, **TOL)
+    # extracted output points move with the cloud
+    pts, pts2 = enc.extract_points(out_mv), enc.extract_points(mv2)
+    want = torch.einsum("bij,bnj->bni", r, pts) + t[:, None]
+    torch.testing.assert_close(pts2[mask], want[mask], rtol=0, atol=1e-8)
+    assert torch.all(out_mv[~mask] == 0)
+
+
+def test_point_encoder_reflections_oriented_and_symmetrized():
+    g = gen(19)
+    enc = encoder(num_blocks=2)
+    p, n, f = cloud(g)
+    u, p2, n2, _, _ = move("e3_odd", g, p, n)
+    out_mv, out_s = enc(p, n, f)
+    # a mirrored cloud is equivariant when passed as oriented points of weight -1
+    mv2, s2 = enc(p2, n2, f, orientation=-1.0)
+    torch.testing.assert_close(mv2, sandwich(u, out_mv), **TOL)
+    torch.testing.assert_close(s2, out_s, **TOL)
+    # with unoriented (+1) input it is not: PGA points are oriented (with one block the
+    # scalars happen to be even in the point weight, hence two blocks here)
+    assert (enc(p2, n2, f)[1] - out_s).abs().max() > 1e-6
+    # symmetrized over orientations it is E(3)-equivariant for plain point clouds
+    sym = encoder(num_blocks=2, symmetrize_orientation=True)
+    o_mv, o_s = sym(p, n, f)
+    m3, s3 = sym(p2, n2, f)
+    torch.testing.assert_close(m3, sandwich(u, o_mv), **TOL)
+    torch.testing.assert_close(s3, o_s, **TOL)
+
+
+def test_point_encoder_inputs_and_config():
+    g = gen(20)
+    p, n, f = cloud(g)
+    enc = encoder(use_normals=False, in_features=0)
+    mv, s = enc.embed(p)
+    assert mv.shape == (2, 8, 1, 16) and torch.equal(s, torch.ones(2, 8, 1, dtype=DT))
+    torch.testing.assert_close(extract_point(mv[..., 0, :]), p, **TOL)
+    assert json.loads(json.dumps(enc.config)) == enc.config
+    with pytest.raises(ValueError, match="normals given"):
+        enc(p, n)
+    with pytest.raises(ValueError, match="points must have shape"):
+        enc(p[..., :2])
+    enc2 = encoder()
+    with pytest.raises(ValueError, match="uses normals"):
+        enc2(p, features=f)
+    with pytest.raises(ValueError, match="features must have shape"):
+        enc2(p, n, f[..., :1])
+    # normals embed as the plane through each point
+    mv2, _ = enc2.embed(p, n, f)
+    plane = mv2[..., 1, :]
+    torch.testing.assert_close(plane[..., 2:5], n, **TOL)
+    torch.testing.assert_close((plane[..., 2:5] * p).sum(-1) + plane[..., 1], torch.zeros(2, 8, dtype=DT), **TOL)
