@@ -122,3 +122,10 @@ def tensor_to_string(buf: Tensor, offsets: Tensor, i: int) -> str:
     """The ``i``-th string packed by :func:`strings_to_tensor`."""
     a, b = int(offsets[i]), int(offsets[i + 1])
     return bytes(buf[a:b].numpy()).decode("utf-8")
+
+
+def tensors_to_strings(buf: Tensor, offsets: Tensor) -> list[str]:
+    """All strings packed by :func:`strings_to_tensor`."""
+    raw = bytes(buf.numpy())
+    bounds = offsets.tolist()
+    return [raw[a:b].decode("utf-8") for a, b in zip(bounds[:-1], bounds[1:])]

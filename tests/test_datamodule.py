@@ -60,6 +60,12 @@ def test_batches_carry_selected_targets(dm, root):
     assert first.num_graphs == 16 and first.z.dtype == torch.long
 
 
+def test_worker_processes(root):
+    m = QM9DataModule(root=root, targets="gap", subset=N, eval_batch_size=40, num_workers=1, progress=False)
+    idx = torch.cat([b.idx for b in m.val_dataloader()])
+    assert torch.equal(idx, m.splits["val"])
+
+
 def test_train_statistics_independently(dm):
     stats = dm.train_statistics()
     assert stats["count"] == 840

@@ -131,6 +131,8 @@ def test_item_equals_make_data(ds):
             assert getattr(d, key).dtype == getattr(ref, key).dtype, key
             assert torch.equal(getattr(d, key), getattr(ref, key)), key
         assert d.cell.shape == (1, 3, 3) and d.pbc.shape == (1, 3) and not d.pbc.any()
+        # items own their memory (a saved item must not carry the whole dataset's table)
+        assert d.pos.untyped_storage().nbytes() == d.pos.numel() * d.pos.element_size()
 
 
 def test_default_dtype_and_target_selection(cache_dir):
