@@ -223,6 +223,30 @@ def _source_paths(source_dir: Path) -> list[Path]:
     return paths
 
 
+def _processed_without_source(root: Path, stem: str) -> tuple[Path, dict[str, Tensor]] | None:
+    """The newest ``<root>/<stem>_*.safetensors`` written by this code version, if any."""
+    for path in sorted(Path(root).glob(f"{stem}_*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True):
+        loaded = load_tensors(path)
+        if loaded is not None and loaded[1].get("version") == QM9_CACHE_VERSION:
+            return path, loaded[0]
+    return None
+
+
+def export_compact_qm9(dataset: "QM9", path: str | Path) -> Path:
+    """Write ``dataset``'s processed tables with float32 positions (about 45 MB for all of QM9).
+
+    For moving QM9 to a machine without qm9pack: put the file in that machine's QM9 ``root``
+    (named ``qm9_all_<anything>.safetensors``) and :class:`QM9` loads it. Positions in float32
+    are exact for float32 training; targets stay float64.
+    """
+    loaded = load_tensors(dataset.cache_path)
+    if loaded is None:
+        raise FileNotFoundError(f"no processed QM9 file at {dataset.cache_path}")
+    tensors, meta = loaded
+    tensors = dict(tensors, pos=tensors["pos"].float())
+    return save_tensors(path, tensors, dict(meta, compact=True))
+
+
 # ----------------------------------------------------------------------------- processing
 
 _USECOLS = ["XYZ_file", "Index", "SMILES", "N_atoms", "Elements", "XYZ_Ang"] + [c for c, _ in _COLUMNS]
@@ -407,19 +431,32 @@ class QM9(Dataset):
             raise ValueError(f"QM9 subset must be in 1..{QM9_NUM_MOLECULES}, got {subset}")
         self.subset = None if subset is None else int(subset)
         self.root = Path(root).expanduser() if root is not None else default_cache_root("qm9")
-        self.source_dir = Path(source_dir) if source_dir is not None else qm9_source_dir()
         self.target_names = resolve_qm9_targets(targets)
         self.target_columns = [QM9_TARGET_NAMES.index(t) for t in self.target_names]
         self.subtract_atomref = bool(subtract_atomref)
         self.dtype = dtype if dtype is not None else torch.get_default_dtype()
 
-        paths = _source_paths(self.source_dir)
-        key = cache_key(version=QM9_CACHE_VERSION, files=file_fingerprint(paths), subset=self.subset)
         stem = "qm9_all" if self.subset is None else f"qm9_first{self.subset}"
-        self.cache_path = cache_file(self.root, stem, key)
         t0 = time.perf_counter()
-        loaded = None if force_reload else load_tensors(self.cache_path)
-        if loaded is not None and loaded[1].get("key") == key:
+        try:
+            self.source_dir = Path(source_dir) if source_dir is not None else qm9_source_dir()
+            paths = _source_paths(self.source_dir)
+        except FileNotFoundError:
+            # No raw source (e.g. a GPU node without qm9pack): a processed file of this code
+            # version in ``root`` is enough; otherwise the install hint is raised.
+            found = None if force_reload else _processed_without_source(self.root, stem)
+            if found is None:
+                raise
+            self.source_dir = None
+            self.cache_path, tensors = found
+            key = None
+        else:
+            key = cache_key(version=QM9_CACHE_VERSION, files=file_fingerprint(paths), subset=self.subset)
+            self.cache_path = cache_file(self.root, stem, key)
+        loaded = None if force_reload or key is None else load_tensors(self.cache_path)
+        if key is None:
+            self.cache_hit = True
+        elif loaded is not None and loaded[1].get("key") == key:
             tensors = loaded[0]
             self.cache_hit = True
         else:
@@ -432,7 +469,7 @@ class QM9(Dataset):
 
         self.ptr: Tensor = tensors["ptr"]
         self.z: Tensor = tensors["z"].long()
-        self.pos_table: Tensor = tensors["pos"]  # float64, Å
+        self.pos_table: Tensor = tensors["pos"].double()  # float64, Å (a compact export stores float32)
         self.y_table: Tensor = tensors["y"]  # float64 [M,12], totals, QM9_TARGETS units
         self.gdb_index: Tensor = tensors["gdb_index"]
         # plain Python lists: per-item lookups in __getitem__ cost ~0.03 us instead of ~4 us

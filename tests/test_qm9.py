@@ -353,3 +353,19 @@ def test_full_dataset(tmp_path):
             assert item.z.tolist() == z.tolist() and torch.equal(item.pos, torch.from_numpy(pos))
             np.testing.assert_allclose(item.y.numpy()[0], y, rtol=1e-12)
     assert set(d.z.unique().tolist()) == {1, 6, 7, 8, 9} and int(d.num_atoms.max()) == 29
+
+
+def test_compact_export_loads_without_the_source(tmp_path):
+    """A float32-position export in ``root`` stands in for qm9pack (e.g. on a GPU node)."""
+    from equiformer.datasets.qm9 import export_compact_qm9
+
+    full = QM9(root=tmp_path / "cache", subset=50, progress=False)
+    export_compact_qm9(full, tmp_path / "node" / "qm9_first50_copied.safetensors")
+    moved = QM9(root=tmp_path / "node", subset=50, source_dir=tmp_path / "missing", progress=False)
+    assert moved.cache_hit and moved.source_dir is None and len(moved) == 50
+    for i in (0, 17, 49):
+        a, b = full[i], moved[i]
+        assert torch.equal(a.z, b.z) and torch.equal(a.y, b.y)
+        assert torch.allclose(a.pos, b.pos, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="qm9pack"):
+        QM9(root=tmp_path / "empty", subset=50, source_dir=tmp_path / "missing", progress=False)
