@@ -261,7 +261,7 @@ def _rdkit_log() -> Iterator[list[str]]:
 
     out: list[str] = []
     if hasattr(rdBase, "CaptureErrorLog"):
-        with rdBase.CaptureErrorLog() as cap:
+        with rdBase.BlockLogs(), rdBase.CaptureErrorLog() as cap:  # warnings silenced, errors kept
             try:
                 yield out
             finally:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -160,7 +161,7 @@ def _read_text(p: Path, shown: str, fmt: str) -> str:
     if not raw.strip():
         raise StructureError(f"{shown}: file is empty")
     if b"\x00" in raw[:4096]:
-        raise StructureError(f"{shown}: binary data, not a {fmt} text file")
+        raise StructureError(f"{shown}: binary data, not a text file (expected {fmt})")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -221,6 +222,8 @@ def _sdf(text: str, shown: str, sanitize: bool = True, **_: Any) -> list[Record]
             mol = supplier[0] if len(supplier) else None
         if mol is None:
             reason = rdkit_reason(log, "RDKit cannot parse this molfile block")
+            # RDKit counts lines within the record; give the line of the file
+            reason = re.sub(r"on line (\d+)", lambda m: f"on line {start + int(m.group(1)) - 1}", reason)
             raise StructureError(f"{where}: cannot read the molecule: {reason}")
         if sanitize:
             with _rdkit_log() as log:

@@ -48,6 +48,7 @@ def parse_pdb(text: str, path: str) -> list[Record]:
     atoms: list[tuple[int, list[float], str, str, str, int]] = []
     seen_alt: dict[tuple, str] = {}
     start = 1
+    in_model = False
 
     def flush(end_line: int) -> None:
         nonlocal atoms, seen_alt
@@ -61,7 +62,7 @@ def parse_pdb(text: str, path: str) -> list[Record]:
                 "chains": [a[4] for a in atoms],
                 "residue_numbers": torch.tensor([a[5] for a in atoms], dtype=torch.long),
             }
-            records.append(Record(z=z, pos=pos, where=f"line {start}", extra=extra))
+            records.append(Record(z=z, pos=pos, where=f"model at line {start}" if in_model else "", extra=extra))
         atoms, seen_alt = [], {}
 
     title = ""
@@ -71,7 +72,7 @@ def parse_pdb(text: str, path: str) -> list[Record]:
             title = line[10:50].strip()
         elif rec == "MODEL":
             flush(ln)
-            start = ln
+            start, in_model = ln, True
         elif rec == "ENDMDL":
             flush(ln)
             start = ln + 1

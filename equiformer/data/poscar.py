@@ -130,4 +130,4 @@ def parse_poscar(text: str, path: str) -> list[Record]:
     extra: dict = {"name": comment}
     if selective:
         extra["fixed"] = torch.as_tensor(fixed)
-    return [Record(z=z, pos=pos, cell=lattice, pbc=np.ones(3, dtype=bool), where="line 1", extra=extra)]
+    return [Record(z=z, pos=pos, cell=lattice, pbc=np.ones(3, dtype=bool), extra=extra)]

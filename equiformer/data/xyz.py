@@ -163,7 +163,7 @@ def _plain(comment: str, atom_lines: list[str], path: str, head: int) -> Record:
         except ValueError:
             bad = next(t for t in tok[1:4] if not _is_float(t))
             raise StructureError(f"{where}: cannot read coordinate {bad!r} as a number") from None
-    return Record(z=z, pos=pos, where=f"line {head}", extra={"name": comment.strip()})
+    return Record(z=z, pos=pos, where=f"structure at line {head}", extra={"name": comment.strip()})
 
 
 def _is_float(t: str) -> bool:
@@ -261,7 +261,9 @@ def _extended(
     if "move_mask" in columns:
         mask = np.asarray(columns["move_mask"], dtype=bool).reshape(len(z), -1)
         extra["fixed"] = torch.as_tensor(~mask.any(axis=1))
-    return Record(z=z, pos=pos, cell=cell, pbc=pbc, energy=energy, forces=forces, where=f"line {head}", extra=extra)
+    return Record(
+        z=z, pos=pos, cell=cell, pbc=pbc, energy=energy, forces=forces, where=f"structure at line {head}", extra=extra
+    )
 
 
 _KIND = {"R": "a real number", "I": "an integer", "L": "a logical (T/F)", "S": "a string"}
