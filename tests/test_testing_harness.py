@@ -341,3 +341,60 @@ def test_energy_and_forces_are_smooth_at_the_cutoff(model, qm9):
     assert report["energy_step"] > 0  # the moved pair does interact near the cutoff
     with pytest.raises(AssertionError, match=r"'energy' jumps by .* cross the cutoff"):
         assert_smooth_at_cutoff(broken("hard_cutoff"), qm9[0], cutoff=CUTOFF, pair=(0, 1))
+
+
+# ----------------------------------------------------------------------------- more output and input types
+
+
+class _ExtrasModel(torch.nn.Module):
+    """Adds a rank-2 Cartesian output (dipole dipole^T + dipole_field^T, a true tensor) and an energy
+    term -dipole . efield that couples to a per-graph input vector field ``efield``."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, data):
+        out = dict(self.inner(data))
+        mu, field = out["dipole"], data.efield
+        out["polarization"] = mu[:, :, None] * mu[:, None, :] + mu[:, :, None] * field[:, None, :]
+        out["energy"] = out["energy"] - (mu * field).sum(-1)
+        return out
+
+
+def test_cartesian_tensor_outputs_and_rotated_input_fields(model, qm9):
+    datas = []
+    for k, d in enumerate(qm9):
+        d = copy.copy(d)
+        d.efield = torch.tensor([[0.1 * k, -0.2, 0.3]], dtype=torch.float64)  # [1, 3] per graph, V/Å
+        datas.append(d)
+    batch = Batch.from_data_list(datas)
+    extras = _ExtrasModel(model)
+    irreps = {"energy": "0e", "polarization": "cartesian", "dipole": "1o"}
+    report = assert_equivariant(extras, batch, irreps=irreps, input_irreps={"efield": "1o"}, n_trials=1)
+    assert report["rotation/polarization"] < 1e-12 and report["reflection/energy"] < 1e-12
+    # without telling the harness that efield is a vector, the field stays fixed in space: caught
+    with pytest.raises(AssertionError, match=r"failed: rotation \['energy', 'polarization'\]"):
+        assert_equivariant(extras, batch, irreps=irreps, n_trials=1)
+
+
+class _RoundedModel(torch.nn.Module):
+    """A float64 model that multiplies its dipole by Q^T Q with Q orthogonal rounded to float32:
+    the identity up to ~1e-8, like constants built in float32 and cast to float64."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+        q = random_rotation(generator=torch.Generator().manual_seed(3)).to(torch.float32).to(torch.float64)
+        self.register_buffer("m", q.T @ q)
+
+    def forward(self, data):
+        out = dict(self.inner(data))
+        out["dipole"] = out["dipole"] @ self.m
+        return out
+
+
+def test_round_off_from_float32_constants_is_diagnosed_as_precision(model, qm9):
+    with pytest.raises(AssertionError, match=r"precision: every error is tiny") as info:
+        assert_equivariant(_RoundedModel(model), qm9[0], irreps={"dipole": "1o"}, n_trials=1, parity=False)
+    assert "failed: rotation ['dipole']" in str(info.value)

@@ -454,6 +454,14 @@ def _failure_message(failures: list[_Failure], dtype: torch.dtype, atol: float, 
         "likely cause:",
     ]
     failed = list(order)
+    worst_relative = max(f.max_err / max(f.scale, 1e-300) if not f.problem else float("inf") for f in failures)
+    if dtype == torch.float64 and worst_relative < 1e-5:
+        lines.append(
+            f"  precision: every error is tiny (at most {worst_relative:.1e} of the output's size), i.e. round-off "
+            "rather than a broken symmetry: most likely constants built in float32 inside a float64 model (e3nn "
+            "builds so(3) generators / Wigner matrices in the default dtype; compute them in float64, or build the "
+            "model under torch.set_default_dtype(torch.float64))"
+        )
     for name in failed:
         if name == "reflection" and "rotation" in failed:
             continue
