@@ -1,7 +1,8 @@
 """Tiny e3nn reference models used only by the tests of ``equiformer.testing``.
 
-:class:`ReferenceModel` is E(3)-equivariant by construction (a few hundred parameters):
-neighbour graph within ``cutoff`` (periodic images included), spherical harmonics of the
+:class:`ReferenceModel` is E(3)-equivariant by construction (979 parameters, half of them the
+element embedding): neighbour graph within ``cutoff`` from ``equiformer.graph.build_edges``
+(periodic images included), spherical harmonics of the
 edge vectors, one e3nn ``FullyConnectedTensorProduct`` message weighted by a smooth radial
 MLP, a quadratic invariant of the node features, and these outputs:
 
