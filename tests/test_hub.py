@@ -1,0 +1,265 @@
+"""Shipped-model format (equiformer.hub): export from a real Lightning checkpoint, safe loading,
+refusal of weights that do not match their config, the registry, and the shipped models."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch_geometric.data import Batch
+
+from equiformer import hub
+from equiformer.data import from_smiles
+from pretrained_helpers import TINY_CONFIG, make_tiny_model
+
+torch.set_num_threads(1)
+
+HAS_QM9 = importlib.util.find_spec("qm9pack") is not None
+SMILES = ["O", "C", "CCO", "c1ccncc1", "FC(F)F", "CC(=O)N"]
+
+
+def _batch(smiles=SMILES) -> Batch:
+    return Batch.from_data_list([from_smiles(s) for s in smiles])
+
+
+# --------------------------------------------------------------------------- a real Lightning checkpoint
+
+
+@pytest.fixture(scope="module")
+def lightning_ckpt(tmp_path_factory):
+    """A PropertyTask (tiny Equiformer, EMA on) trained 4 steps on real QM9 molecules, saved by Lightning."""
+    if not HAS_QM9:
+        pytest.skip("qm9pack not installed")
+    import lightning.pytorch as pl
+
+    from equiformer.tasks.datamodule import QM9DataModule
+    from equiformer.tasks.property import PropertyTask
+
+    tmp = tmp_path_factory.mktemp("ckpt")
+    pl.seed_everything(0, verbose=False)
+    dm = QM9DataModule(root=str(tmp / "qm9"), targets=["homo", "U0"], subset=200, batch_size=16, progress=False)
+    task = PropertyTask(model="equiformer", model_kwargs=TINY_CONFIG, targets=["homo", "U0"], lr=5e-3,
+                        warmup_steps=1, ema_decay=0.5)
+    trainer = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(task, dm)
+    path = tmp / "tiny.ckpt"
+    trainer.save_checkpoint(path)
+    return path, task.eval(), dm
+
+
+def test_lightning_checkpoint_loads_without_pickled_code(lightning_ckpt):
+    path, _, _ = lightning_ckpt
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # raises on any non-allowlisted type
+    hp = ckpt["hyper_parameters"]
+    assert hp["model"] == "equiformer" and hp["targets"] == ["homo", "U0"]
+    json.dumps(hp)  # plain types only
+
+
+def test_export_round_trip_reproduces_the_task(lightning_ckpt, tmp_path):
+    path, task, _ = lightning_ckpt
+    js = hub.export_from_lightning(path, "tiny-qm9", tmp_path, metrics={"test_mae": {"homo": 0.25, "U0": 1.5}},
+                                   training={"device": "cpu", "command": "pytest"})
+    assert js == tmp_path / "tiny-qm9.json" and (tmp_path / "tiny-qm9.safetensors").exists()
+    meta = json.loads(js.read_text())
+    assert meta["name"] == "tiny-qm9" and meta["dataset"] == "QM9" and meta["elements"] == [1, 6, 7, 8, 9]
+    assert meta["model"]["name"] == "equiformer" and meta["model"]["config"]["irreps_node"] == TINY_CONFIG["irreps_node"]
+    assert [t["name"] for t in meta["targets"]] == ["homo", "U0"] and [t["unit"] for t in meta["targets"]] == ["eV", "eV"]
+    assert meta["split"]["seed"] == 1 and meta["split"]["subset"] == 200
+    assert sum(meta["split"][k] for k in ("train", "val", "test")) == 200
+    assert set(meta["atomref"]) == {"U0"} and set(meta["atomref"]["U0"]) == {"1", "6", "7", "8", "9"}
+    assert meta["metrics"]["test_mae"]["homo"] == {"value": 0.25, "unit": "eV"}
+    assert meta["training"]["global_step"] == 4 and meta["weights"]["ema"] is True
+    assert meta["equiformer_version"] and meta["license"]
+
+    # the task's own de-normalised predictions (EMA weights) == the loaded model + metadata
+    from equiformer.api import Predictor
+
+    batch = _batch()
+    expected = task.predict_properties(batch).numpy()
+    model, meta2 = hub.load_pretrained(js)
+    got = Predictor([(model, meta2)], device="cpu").predict(SMILES)
+    assert list(got.columns) == ["input", "formula", "homo (eV)", "U0 (eV)"]
+    np.testing.assert_allclose(got[["homo (eV)", "U0 (eV)"]].to_numpy(), expected, rtol=1e-6, atol=1e-4)
+
+
+def test_export_takes_the_ema_weights(lightning_ckpt, tmp_path):
+    path, task, _ = lightning_ckpt
+    js = hub.export_from_lightning(path, "ema", tmp_path)
+    model, _ = hub.load_pretrained(js)
+    sd = model.state_dict()
+    ema, raw = task.ema.module.state_dict(), task.model.state_dict()
+    assert all(torch.equal(sd[k], ema[k].float()) for k in sd)
+    assert any(not torch.equal(sd[k], raw[k].float()) for k in sd)  # 4 steps moved the raw weights away
+    js_raw = hub.export_from_lightning(path, "raw", tmp_path, prefer_ema=False)
+    raw_model, raw_meta = hub.load_pretrained(js_raw)
+    assert raw_meta["weights"]["ema"] is False
+    assert all(torch.equal(raw_model.state_dict()[k], raw[k].float()) for k in sd)
+
+
+# --------------------------------------------------------------------------- file format and its checks
+
+
+def test_round_trip_outputs_are_identical(tmp_path):
+    js = make_tiny_model(tmp_path)
+    from equiformer.models import build_model
+
+    torch.manual_seed(0)
+    original = build_model("equiformer", **TINY_CONFIG, num_targets=2).eval()
+    model, meta = hub.load_pretrained(js)
+    batch = _batch()
+    with torch.no_grad():
+        assert torch.equal(original(batch)["y"], model(batch)["y"])
+    assert not model.training and meta["name"] == "tiny-qm9" and meta["_path"] == str(js)
+    # the same model by name through $EQUIFORMER_MODELS, and by its .safetensors path
+    m2, _ = hub.load_pretrained(tmp_path / "tiny-qm9.safetensors")
+    with torch.no_grad():
+        assert torch.equal(m2(batch)["y"], model(batch)["y"])
+
+
+def test_loading_never_unpickles(tmp_path, monkeypatch):
+    js = make_tiny_model(tmp_path)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("load_pretrained must not call torch.load / pickle")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    import pickle
+
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    hub.load_pretrained(js)
+
+
+def _edit_json(js: Path, edit) -> None:
+    meta = json.loads(js.read_text())
+    edit(meta)
+    js.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m["model"]["config"].update(irreps_node="8x0e+4x1e+4x2e"), "shape mismatch"),
+        (lambda m: m["model"]["config"].update(num_layers=2), "missing"),
+        (lambda m: m["model"]["config"].update(num_targets=3), "shape mismatch"),
+        (lambda m: m["model"]["config"].update(attention="dot_product"), "do not match"),
+    ],
+)
+def test_weights_that_do_not_match_the_config_are_refused(tmp_path, edit, message):
+    js = make_tiny_model(tmp_path)
+    _edit_json(js, edit)
+    with pytest.raises(hub.PretrainedError, match=message) as err:
+        hub.load_pretrained(js)
+    assert "tiny-qm9.safetensors" in str(err.value) and "weights do not match the model config" in str(err.value)
+
+
+def test_changed_or_broken_weights_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    js = make_tiny_model(tmp_path)
+    st = js.with_suffix(".safetensors")
+    tensors = load_file(str(st))
+    key = next(iter(tensors))
+    tensors[key] = tensors[key] + 1.0
+    save_file(tensors, str(st))
+    with pytest.raises(hub.PretrainedError, match="checksum"):
+        hub.load_pretrained(js)
+    hub.load_pretrained(js, verify_hash=False)  # same names and shapes: loads when asked to skip the check
+    del tensors[key]
+    save_file(tensors, str(st))
+    with pytest.raises(hub.PretrainedError, match=f"missing 1: {key}"):
+        hub.load_pretrained(js, verify_hash=False)
+    st.write_bytes(b"not a safetensors file")
+    with pytest.raises(hub.PretrainedError, match="not a readable safetensors file"):
+        hub.load_pretrained(js, verify_hash=False)
+
+
+def test_bad_metadata_is_refused(tmp_path):
+    js = make_tiny_model(tmp_path)
+    _edit_json(js, lambda m: m["normalization"].update(std=[1.0]))
+    with pytest.raises(hub.PretrainedError, match="one number per target"):
+        hub.load_pretrained(js)
+    _edit_json(js, lambda m: m.pop("targets"))
+    with pytest.raises(hub.PretrainedError, match="missing field 'targets'"):
+        hub.load_pretrained(js)
+    js.write_text("{not json")
+    with pytest.raises(hub.PretrainedError, match="not a readable model description"):
+        hub.load_pretrained(js)
+    js2 = make_tiny_model(tmp_path, name="other")
+    _edit_json(js2, lambda m: m["model"].update(name="no-such-model"))
+    with pytest.raises(hub.PretrainedError, match="unknown model 'no-such-model'"):
+        hub.load_pretrained(js2)
+
+
+def test_missing_files_and_unknown_names(tmp_path, monkeypatch):
+    monkeypatch.setenv(hub.ENV_DIRS, str(tmp_path))
+    js = make_tiny_model(tmp_path)
+    js.with_suffix(".safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="tiny-qm9.safetensors"):
+        hub.load_pretrained(js)
+    with pytest.raises(hub.PretrainedError, match="no pretrained model named 'nope'; available"):
+        hub.load_pretrained("nope")
+
+
+def test_registry_lists_models_with_their_test_mae(tmp_path, monkeypatch):
+    monkeypatch.setenv(hub.ENV_DIRS, str(tmp_path))
+    make_tiny_model(tmp_path, name="fam-homo", targets=("homo",), metrics={"test_mae": {"homo": 0.0151}})
+    make_tiny_model(tmp_path, name="fam-u0", targets=("U0",))
+    (tmp_path / "orphan.json").write_text("{}")  # no weights next to it: not listed
+    listed = {m["name"]: m for m in hub.available_models()}
+    assert {"fam-homo", "fam-u0"} <= set(listed) and "orphan" not in listed
+    assert listed["fam-homo"]["test_mae"] == {"homo": {"value": 0.0151, "unit": "eV"}}
+    assert listed["fam-homo"]["targets"] == ["homo"] and listed["fam-homo"]["dataset"] == "QM9"
+    assert hub.format_mae(hub.read_metadata(listed["fam-homo"]["path"]), "homo") == "15.1 meV"
+    model, meta = hub.load_pretrained("fam-u0")  # by name
+    assert meta["targets"][0]["name"] == "U0"
+    assert hub.expand_names("fam") == ["fam-homo", "fam-u0"] and hub.expand_names("fam-u0") == ["fam-u0"]
+
+
+def test_save_refuses_unsafe_names_and_non_json_metadata(tmp_path):
+    from equiformer.models import build_model
+
+    model = build_model("equiformer", **TINY_CONFIG)
+    base = {"model": {"name": "equiformer", "config": model.config}, "targets": [{"name": "homo", "unit": "eV"}],
+            "normalization": {"mean": [0.0], "std": [1.0]}}
+    with pytest.raises(hub.PretrainedError, match="invalid model name"):
+        hub.save_pretrained(model, base, tmp_path, name="../escape")
+    with pytest.raises(hub.PretrainedError, match="cannot be stored in JSON"):
+        hub.save_pretrained(model, {**base, "extra": object()}, tmp_path, name="x")
+    with pytest.raises(hub.PretrainedError, match="non-finite"):
+        hub.save_pretrained(model, {**base, "normalization": {"mean": [float("nan")], "std": [1.0]}}, tmp_path, name="x")
+
+
+def test_export_refuses_a_checkpoint_with_pickled_objects(tmp_path):
+    import argparse  # a Namespace in hyper_parameters (as some CLIs store) is not allowlisted by weights_only
+
+    path = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"model": argparse.Namespace(name="equiformer")}}, path)
+    with pytest.raises(hub.PretrainedError, match="cannot be loaded safely"):
+        hub.export_from_lightning(path, "bad", tmp_path)
+    with pytest.raises(FileNotFoundError):
+        hub.export_from_lightning(tmp_path / "missing.ckpt", "bad", tmp_path)
+
+
+# --------------------------------------------------------------------------- the models shipped in the package
+
+SHIPPED = sorted(p.stem for p in hub.PACKAGE_DIR.glob("*.json"))
+
+
+@pytest.mark.skipif(not SHIPPED, reason="no pretrained model shipped yet")
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_models_load_and_predict_finite_values(name):
+    from equiformer.api import Predictor
+
+    p = Predictor.from_pretrained(name, device="cpu")
+    df = p.predict(["O", "C"])
+    values = df.drop(columns=["input", "formula"]).to_numpy(dtype=float)
+    assert values.shape == (2, len(p.properties)) and np.isfinite(values).all()
+    meta = p.models[0].meta
+    assert meta["dataset"] and meta["elements"] and meta["metrics"].get("test_mae")
