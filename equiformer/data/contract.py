@@ -147,9 +147,11 @@ def make_data(
         source: where the structure came from, used in error messages and kept as ``data.source``.
         extra: further fields copied onto the Data (e.g. ``idx``, ``tags``, ``fixed``).
     """
-    z_np = np.asarray(z, dtype=np.int64).reshape(-1)
-    pos_np = np.asarray(pos, dtype=np.float64)
-    cell_np = None if cell is None else np.asarray(cell, dtype=np.float64).reshape(3, 3)
+    # own copies: callers pass read-only views (e.g. pymatgen's lattice.matrix) and the
+    # tensors below must not share memory with them
+    z_np = np.array(z, dtype=np.int64).reshape(-1)
+    pos_np = np.array(pos, dtype=np.float64)
+    cell_np = None if cell is None else np.array(cell, dtype=np.float64).reshape(3, 3)
     if pbc is None:
         pbc_np = np.zeros(3, dtype=bool)
     else:
