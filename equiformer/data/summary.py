@@ -45,7 +45,7 @@ def describe(data: Data) -> dict[str, Any]:
     cell is zero), ``lattice`` ({a,b,c in Å, alpha,beta,gamma in degrees} or None),
     ``volume`` (Å^3, or None), ``energy`` (eV, or None), ``forces`` (bool),
     ``max_force`` (largest per-atom force norm in eV/Å, or None), ``n_fixed`` (atoms held
-    fixed, or None), ``smiles`` (or None).
+    fixed, or None), ``smiles`` (or None), ``chains`` and ``n_residues`` (PDB files, else None).
     """
     z = data.z.view(-1).tolist()
     elements: dict[str, int] = {}
@@ -76,4 +76,14 @@ def describe(data: Data) -> dict[str, Any]:
         "max_force": float(np.linalg.norm(_np(forces), axis=1).max()) if forces is not None and len(z) else None,
         "n_fixed": int(_np(fixed).astype(bool).sum()) if fixed is not None else None,
         "smiles": str(data.smiles) if getattr(data, "smiles", None) else None,
+        **_residues(data),
     }
+
+
+def _residues(data: Data) -> dict[str, Any]:
+    chains = getattr(data, "chains", None)
+    numbers = getattr(data, "residue_numbers", None)
+    if chains is None or numbers is None:
+        return {"chains": None, "n_residues": None}
+    keys = set(zip(chains, numbers.view(-1).tolist()))
+    return {"chains": sorted(set(chains)), "n_residues": len(keys)}
