@@ -133,6 +133,20 @@ def test_shipped_qm9_files_agree_with_csv_ase_and_rdkit():
         assert Chem.CanonSmiles(ds.smiles) == Chem.CanonSmiles(smiles)
 
 
+def test_single_molfile_without_terminator(tmp_path):
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    mol = Chem.AddHs(Chem.MolFromSmiles("c1ccncc1"))
+    assert AllChem.EmbedMolecule(mol, randomSeed=7) == 0
+    mol.SetProp("_Name", "pyridine")
+    (tmp_path / "pyridine.mol").write_text(Chem.MolToMolBlock(mol) + "\n\n")
+    (d,) = read(tmp_path / "pyridine.mol", dtype=F64)
+    assert d.source == str(tmp_path / "pyridine.mol") and d.name == "pyridine"
+    assert d.smiles == "c1ccncc1" and d.z.tolist() == [a.GetAtomicNum() for a in mol.GetAtoms()]
+    np.testing.assert_allclose(d.pos.numpy(), mol.GetConformer().GetPositions(), atol=1e-4)
+
+
 def test_qm9_original_xyz_layout_with_mathematica_numbers(tmp_path):
     # QM9's dsgdb9nsd_*.xyz: charges in column 5, "*^" exponents, then frequencies, SMILES, InChI
     text = (
@@ -203,6 +217,30 @@ def test_shipped_tio2_cif_poscar_json_agree_with_ase_and_pymatgen():
         cif.cell[0].numpy() @ cif.cell[0].numpy().T, a_cif.cell.array @ a_cif.cell.array.T, atol=1e-6, rtol=0
     )
     assert abs(abs(np.linalg.det(cif.cell[0].numpy())) - a_cif.get_volume()) < 1e-6
+
+
+def test_cif_with_symmetry_and_two_blocks_of_the_same_name_match_ase(tmp_path):
+    import ase.io
+    from pymatgen.io.cif import CifWriter
+
+    s = _mp(("mp-390",))["mp-390"]
+    sym = str(CifWriter(s, symprec=0.01))  # asymmetric unit + space group I4_1/amd operations
+    assert "_atom_site_symmetry_multiplicity" in sym and "'x, y, z'" in sym
+    (tmp_path / "sym.cif").write_text(sym)
+    (d,) = read(tmp_path / "sym.cif", dtype=F64)
+    atoms = ase.io.read(tmp_path / "sym.cif")  # ASE expands the symmetry on its own
+    assert sorted(d.z.tolist()) == sorted(atoms.numbers.tolist())
+    c = d.cell[0].numpy()
+    np.testing.assert_allclose(c @ c.T, atoms.cell.array @ atoms.cell.array.T, atol=1e-6)
+    frac_ase = atoms.get_scaled_positions()
+    _same_sites(d.z.tolist(), _frac(d), atoms.numbers.tolist(), frac_ase, 1e-6)
+    # the conventional cell holds twice the primitive cell of mp-390
+    assert len(d.z) == 2 * len(s) and abs(np.linalg.det(c)) == pytest.approx(2 * s.volume, rel=1e-6)
+    # two blocks both named data_TiO2 stay two structures
+    (tmp_path / "two.cif").write_text(sym + (FILES / "TiO2_mp-390.cif").read_text())
+    a, b = read(tmp_path / "two.cif", dtype=F64)
+    assert (a.source, b.source) == (f"{tmp_path / 'two.cif'}[0]", f"{tmp_path / 'two.cif'}[1]")
+    assert len(a.z) == 12 and len(b.z) == 6
 
 
 def test_poscar_variants_cartesian_volume_scale_selective_dynamics_vasp4(tmp_path):
@@ -377,7 +415,7 @@ def _message(path, **kw) -> str:
         ("NaCl_partial.cif", "NaCl_partial.cif: partial occupancies are not supported (site 0: Na:0.5, K:0.5)"),
         (
             "TiO2_nocell.cif",
-            "TiO2_nocell.cif: data block 'TiO2' has no unit cell (missing _cell_length_a, _cell_angle_beta)",
+            "TiO2_nocell.cif: data block 'TiO2' (line 2) has no unit cell (missing _cell_length_a, _cell_angle_beta)",
         ),
         (
             "qm9_pentavalent.sdf",

@@ -263,55 +263,72 @@ def _cif_number(value: Any) -> float | None:
         return None
 
 
+def _split_cif(text: str) -> list[tuple[int, str]]:
+    """``data_`` blocks of a CIF as (1-based first line, text), skipping ``;`` text fields.
+
+    Split by hand because pymatgen keys blocks by name, so two blocks named alike would merge."""
+    blocks: list[tuple[int, list[str]]] = []
+    in_text = False
+    for ln, line in enumerate(text.splitlines(), start=1):
+        if line.startswith(";"):
+            in_text = not in_text
+        if not in_text and line.lstrip().lower().startswith("data_"):
+            blocks.append((ln, [line.strip()]))
+        elif blocks:
+            blocks[-1][1].append(line)
+    return [(ln, "\n".join(lines) + "\n") for ln, lines in blocks]
+
+
 def _cif(text: str, shown: str, **_: Any) -> list[Record]:
     from pymatgen.io.cif import CifFile, CifParser
 
     from equiformer.data.convert import pymatgen_record
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            cif = CifFile.from_str(text)
-        except Exception as exc:  # noqa: BLE001 - pymatgen raises assorted errors on bad CIF
-            raise StructureError(f"{shown}: not a readable CIF file ({_brief(exc)})") from None
     blocks = []
-    for name, block in cif.data.items():
+    for start, block_text in _split_cif(text):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                (name, block), *_rest = CifFile.from_str(block_text).data.items()
+            except Exception as exc:  # noqa: BLE001 - pymatgen raises assorted errors on bad CIF
+                raise StructureError(f"{shown} line {start}: cannot read this data block ({_brief(exc)})") from None
+        label = f"data block '{name}' (line {start})"
         keys = {k.lower(): k for k in block.data}
         has_sites = any(k in keys for k in _SITE_KEYS)
         missing = [k for k in _CELL_KEYS if k not in keys]
         if not has_sites and missing:
             continue  # a block without a structure (e.g. global metadata)
         if not has_sites:
-            raise StructureError(f"{shown}: data block '{name}' has a cell but no atom sites (_atom_site_fract_x, ...)")
+            raise StructureError(f"{shown}: {label} has a cell but no atom sites (_atom_site_fract_x, ...)")
         if missing:
-            raise StructureError(f"{shown}: data block '{name}' has no unit cell (missing {', '.join(missing)})")
+            raise StructureError(f"{shown}: {label} has no unit cell (missing {', '.join(missing)})")
         for k in _CELL_KEYS:
             value = _cif_number(block.data[keys[k]])
             if value is None or value <= 0:
-                raise StructureError(f"{shown}: data block '{name}': {k} is {block.data[keys[k]]!r}, not a positive number")
+                raise StructureError(f"{shown}: {label}: {k} is {block.data[keys[k]]!r}, not a positive number")
         if "_atom_site_fract_x" not in keys:
             raise StructureError(
-                f"{shown}: data block '{name}' gives no fractional coordinates (_atom_site_fract_x/y/z); "
+                f"{shown}: {label} gives no fractional coordinates (_atom_site_fract_x/y/z); "
                 "Cartesian-only CIFs are not supported"
             )
-        blocks.append((name, block))
+        blocks.append((label, block_text))
     if not blocks:
         raise StructureError(f"{shown}: no crystal structure (no data block with _cell_length_* and _atom_site_*)")
     records = []
-    for i, (name, block) in enumerate(blocks):
+    for i, (label, block_text) in enumerate(blocks):
         src = structure_source(shown, i, len(blocks))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                structures = CifParser.from_str(str(block)).parse_structures(primitive=False, on_error="raise")
+                structures = CifParser.from_str(block_text).parse_structures(primitive=False, on_error="raise")
             except Exception as exc:  # noqa: BLE001
                 notes = "; ".join(_first_line(str(w.message)) for w in caught)
                 reason = _brief(exc) + (f" ({notes})" if notes else "")
-                raise StructureError(f"{src}: pymatgen cannot build the structure of data block '{name}': {reason}") from None
+                raise StructureError(f"{src}: pymatgen cannot build the structure of {label}: {reason}") from None
         if not structures:
-            raise StructureError(f"{src}: data block '{name}' gives no structure")
+            raise StructureError(f"{src}: {label} gives no structure")
         records.append(pymatgen_record(structures[0], src))
-        records[-1].where = f"data block '{name}'"
+        records[-1].where = label
     return records
 
 
