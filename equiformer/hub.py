@@ -635,9 +635,26 @@ def _default_description(meta: Mapping[str, Any]) -> str:
 
 
 def _normalise_metrics(metrics: Mapping[str, Any], targets: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """``{"test_mae": {target: {"value", "unit"}}, ...}`` from what the caller gives.
+
+    Accepted: ``{"test_mae": {target: number (target unit) or {"value", "unit"}}}`` and the dict
+    Lightning's ``trainer.test()`` returns for a PropertyTask (``{"test/homo_mae_meV": 15.1, ...}``).
+    """
     units = {t["name"]: t.get("unit", "") for t in targets}
-    out = {k: v for k, v in metrics.items() if k != "test_mae"}
-    mae = metrics.get("test_mae")
+    out: dict[str, Any] = {}
+    mae: dict[str, Any] = dict(metrics.get("test_mae") or {})
+    logged = {k: v for k, v in metrics.items() if isinstance(k, str) and k.startswith("test/")}
+    if logged:
+        try:
+            from equiformer.tasks.metrics import mae_key
+        except ImportError:  # pragma: no cover
+            mae_key = None
+        for t in targets:
+            unit = t.get("report_unit") or t.get("unit", "")
+            key = f"test/{mae_key(t['name'], unit)}" if mae_key else f"test/{t['name']}_mae_{unit}"
+            if key in logged and t["name"] not in mae:
+                mae[t["name"]] = {"value": float(logged[key]), "unit": unit}
+    out.update({k: v for k, v in metrics.items() if k != "test_mae" and k not in logged})
     if mae:
         out["test_mae"] = {}
         for k, v in mae.items():
@@ -661,3 +678,47 @@ def _check_round_trip(model: torch.nn.Module, js: Path) -> None:
         a, b = model(batch)["y"], loaded(batch)["y"]
     if not torch.equal(a, b):
         raise PretrainedError(f"{js}: exported model does not reproduce the checkpoint's outputs ({a.tolist()} vs {b.tolist()})")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m equiformer.hub export CKPT --name NAME [--out DIR] [--metrics FILE.json] [...]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m equiformer.hub", description="Export and list pretrained models.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export", help="Lightning checkpoint of a PropertyTask -> <name>.safetensors + <name>.json")
+    ex.add_argument("checkpoint")
+    ex.add_argument("--name", required=True, help="model name, e.g. qm9-equiformer-homo")
+    ex.add_argument("--out", default=None, help=f"output folder (default {PACKAGE_DIR})")
+    ex.add_argument("--metrics", default=None, help="JSON file: {'test_mae': {...}} or the dict trainer.test() returned")
+    ex.add_argument("--training", default=None, help="JSON file: {'epochs', 'wall_time_s', 'device', 'command'}")
+    ex.add_argument("--description", default=None)
+    ex.add_argument("--no-ema", action="store_true", help="export the raw weights even when an EMA copy exists")
+    sub.add_parser("list", help="list the available models")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "list":
+            for m in available_models():
+                print(f"{m['name']}\t{m['dataset']}\t{', '.join(m['targets'])}\t{m['path']}")
+            return 0
+
+        def read_json(path: str | None) -> Any:
+            return json.loads(Path(path).read_text()) if path else None
+
+        metrics = read_json(args.metrics)
+        if isinstance(metrics, list):  # trainer.test() returns one dict per dataloader
+            metrics = metrics[0]
+        js = export_from_lightning(args.checkpoint, args.name, args.out, metrics=metrics, training=read_json(args.training),
+                                   description=args.description, prefer_ema=not args.no_ema)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"equiformer.hub: error: {exc}")
+        return 2
+    print(js)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -41,8 +41,11 @@ def files(tmp_path_factory):
     from rdkit import Chem
     from rdkit.Chem import AllChem
 
+    from ase.build import bulk
+
     d = tmp_path_factory.mktemp("inputs")
     write(d / "water.xyz", molecule("H2O"))
+    write(d / "diamond.cif", bulk("C", "diamond", a=3.567))
     w = Chem.SDWriter(str(d / "three.sdf"))
     for i, s in enumerate(["C", "CC#N", "OCC=O"]):
         m = Chem.AddHs(Chem.MolFromSmiles(s))
@@ -129,6 +132,12 @@ def test_errors_are_one_line_with_exit_code_2(capsys, argv, message):
     assert code == 2 and out == ""
     assert err.startswith("equiformer predict: error: ") and message in err
     assert err.count("\n") == 1  # one line, no traceback
+
+
+def test_crystal_is_refused_by_a_molecular_model(capsys, files):
+    code, out, err = run(capsys, str(files / "diamond.cif"), "-m", "tiny-qm9")
+    assert code == 2 and out == ""
+    assert "diamond.cif: is periodic, but model 'tiny-qm9' was trained on isolated molecules (QM9)" in err
 
 
 def test_unknown_model_is_an_error_listing_the_available_ones(capsys):

@@ -96,7 +96,13 @@ def test_export_takes_the_ema_weights(lightning_ckpt, tmp_path):
     ema, raw = task.ema.module.state_dict(), task.model.state_dict()
     assert all(torch.equal(sd[k], ema[k].float()) for k in sd)
     assert any(not torch.equal(sd[k], raw[k].float()) for k in sd)  # 4 steps moved the raw weights away
-    js_raw = hub.export_from_lightning(path, "raw", tmp_path, prefer_ema=False)
+    # the command-line form, with the dict trainer.test() returns as metrics
+    (tmp_path / "m.json").write_text(json.dumps([{"test/loss": 0.2, "test/homo_mae_meV": 15.1, "test/U0_mae_meV": 6.6}]))
+    assert hub.main(["export", str(path), "--name", "raw", "--out", str(tmp_path), "--metrics", str(tmp_path / "m.json"),
+                     "--no-ema"]) == 0
+    js_raw = tmp_path / "raw.json"
+    assert json.loads(js_raw.read_text())["metrics"] == {"test_mae": {"homo": {"value": 15.1, "unit": "meV"},
+                                                                      "U0": {"value": 6.6, "unit": "meV"}}}
     raw_model, raw_meta = hub.load_pretrained(js_raw)
     assert raw_meta["weights"]["ema"] is False
     assert all(torch.equal(raw_model.state_dict()[k], raw[k].float()) for k in sd)
