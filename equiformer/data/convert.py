@@ -48,8 +48,8 @@ def _np(t: Any) -> np.ndarray:
 
 
 def _cell_pbc(data: Data) -> tuple[np.ndarray, np.ndarray]:
-    cell = _np(data.cell).astype(np.float64).reshape(3, 3) if getattr(data, "cell", None) is not None else np.zeros((3, 3))
-    pbc = _np(data.pbc).astype(bool).reshape(3) if getattr(data, "pbc", None) is not None else np.zeros(3, bool)
+    cell = np.zeros((3, 3)) if getattr(data, "cell", None) is None else _np(data.cell).astype(np.float64).reshape(3, 3)
+    pbc = np.zeros(3, bool) if getattr(data, "pbc", None) is None else _np(data.pbc).astype(bool).reshape(3)
     return cell, pbc
 
 

@@ -39,7 +39,9 @@ def _element(line: str, where: str) -> int:
         key = _ALIASES.get(key, key)
         if key in ATOMIC_NUMBERS:
             return ATOMIC_NUMBERS[key]
-    raise StructureError(f"{where}: unknown element {candidates[0]!r} (columns 77-78, atom name {line[12:16].strip()!r})")
+    raise StructureError(
+        f"{where}: unknown element {candidates[0]!r} (columns 77-78, atom name {line[12:16].strip()!r})"
+    )
 
 
 def parse_pdb(text: str, path: str) -> list[Record]:
@@ -98,7 +100,8 @@ def parse_pdb(text: str, path: str) -> list[Record]:
                 resseq = int(line[22:26])
             except ValueError:
                 resseq = 0
-            atoms.append((_element(line, where), xyz, line[12:16].strip(), line[17:20].strip(), line[21].strip(), resseq))
+            names = (line[12:16].strip(), line[17:20].strip(), line[21].strip())
+            atoms.append((_element(line, where), xyz, *names, resseq))
         elif rec == "END":
             break
     flush(0)
