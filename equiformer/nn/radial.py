@@ -6,6 +6,7 @@ Distances are in Å; every module maps ``r`` [E] to features [E, num_basis].
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 from torch import Tensor, nn
@@ -86,6 +87,8 @@ class PolynomialEnvelope(nn.Module):
     """Smooth cutoff ``u(x) = 1 - (p+1)(p+2)/2 x^p + p(p+2) x^(p+1) - p(p+1)/2 x^(p+2)``, ``x = r / cutoff``.
 
     ``u(0) = 1``; ``u``, ``u'`` and ``u''`` vanish at the cutoff; 0 beyond it (DimeNet, without its 1/x).
+    Evaluated as ``(1-x)^3 q(x)`` so that it stays accurate (and non-negative) next to the cutoff,
+    where the expanded form loses everything to cancellation.
 
     Args:
         cutoff: Å.
@@ -98,17 +101,37 @@ class PolynomialEnvelope(nn.Module):
             raise ValueError(f"PolynomialEnvelope: exponent must be >= 1, got {exponent}")
         self.cutoff = float(cutoff)
         self.exponent = int(exponent)
+        self._q = [float(c) for c in _divide_by_cube_of_one_minus_x(self.exponent)]  # q's coefficients, x^0 first
 
     def forward(self, r: Tensor) -> Tensor:
         """r [E] Å -> [E] in [0, 1]."""
-        p = self.exponent
         x = r / self.cutoff
-        xp = x.pow(p)
-        u = 1.0 - 0.5 * (p + 1) * (p + 2) * xp + p * (p + 2) * xp * x - 0.5 * p * (p + 1) * xp * x * x
-        return torch.where(x < 1.0, u, torch.zeros_like(u))
+        t = (self.cutoff - r).clamp_min(0.0) / self.cutoff  # 1 - x, exact near the cutoff
+        q = torch.full_like(x, self._q[-1])
+        for c in reversed(self._q[:-1]):
+            q = q * x + c
+        return t * t * t * q
 
     def extra_repr(self) -> str:
         return f"cutoff={self.cutoff}, exponent={self.exponent}"
+
+
+def _divide_by_cube_of_one_minus_x(p: int) -> list[Fraction]:
+    """Coefficients of q with u(x) = (1-x)^3 q(x), in exact rational arithmetic."""
+    u = [Fraction(0)] * (p + 3)
+    u[0] = Fraction(1)
+    u[p] = Fraction(-(p + 1) * (p + 2), 2)
+    u[p + 1] = Fraction(p * (p + 2))
+    u[p + 2] = Fraction(-p * (p + 1), 2)
+    for _ in range(3):  # divide by (1 - x) three times: a_k = sum_{j<=k} u_j
+        quotient, total = [], Fraction(0)
+        for coefficient in u[:-1]:
+            total += coefficient
+            quotient.append(total)
+        if total + u[-1] != 0:
+            raise AssertionError("envelope is not divisible by (1-x)")
+        u = quotient
+    return u
 
 
 class RadialMLP(nn.Module):
