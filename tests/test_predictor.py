@@ -20,7 +20,7 @@ from torch_geometric.data import Batch
 
 from equiformer import Predictor, hub
 from equiformer.api import ExtrapolationWarning, OutOfDomainError, OutOfDomainWarning
-from equiformer.data import from_ase, from_smiles
+from equiformer.data import from_smiles
 
 torch.set_num_threads(1)
 HAS_QM9 = importlib.util.find_spec("qm9pack") is not None
@@ -232,7 +232,13 @@ def test_several_models_merge_into_one_table(model_dir, monkeypatch):
 
 
 def test_default_device_and_repr(predictor):
-    assert predictor.device.type == ("cuda" if torch.cuda.is_available() else "cpu")  # from_pretrained(device="cpu")
+    from equiformer.api import _default_device
+
+    assert predictor.device.type == "cpu" and predictor.models[0].device.type == "cpu"
+    assert _default_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            _default_device("cuda")
     assert "tiny-qm9" in repr(predictor)
 
 
