@@ -95,6 +95,9 @@ def _looks_like_file(s: str) -> bool:
 def to_structures(item: Any, index: int = 0, seed: int = 0) -> list[Structure]:
     """Convert one user input into one or more :class:`Structure` (a file may hold several).
 
+    A string is a file when it names an existing file or ends in a structure-file suffix
+    (``.xyz``, ``.sdf``, ``.cif``, ... or ``POSCAR*``/``CONTCAR*``); otherwise it is SMILES.
+
     Raises:
         ValueError: a bad SMILES or an unreadable structure (message names it).
         FileNotFoundError: a string that names a structure file which does not exist.
@@ -127,7 +130,7 @@ def to_structures(item: Any, index: int = 0, seed: int = 0) -> list[Structure]:
         label = getattr(item, "source", None) or getattr(item, "name", None) or f"Data[{index}]"
         return [Structure(str(label), item)]
     if mod.startswith("ase"):
-        return [Structure(f"Atoms[{index}]:{item.get_chemical_formula()}", eqdata.from_ase(item))]
+        return [Structure(f"Atoms[{index}]:{item.get_chemical_formula()}", eqdata.from_ase(item, properties=False))]
     if mod.startswith("pymatgen"):
         name = type(item).__name__
         return [Structure(f"{name}[{index}]:{item.composition.reduced_formula}", eqdata.from_pymatgen(item))]
