@@ -37,6 +37,11 @@ BRUTE_FORCE_PAIRS = 1 << 17
 BINS_PER_CUTOFF = 2
 #: candidate pairs processed at once (bounds memory: ~100 bytes per candidate)
 CHUNK_CANDIDATES = 1 << 21
+#: the same on CUDA devices (bigger chunks keep the GPU busy)
+CHUNK_CANDIDATES_CUDA = 1 << 23
+#: (centre, stencil column) entries built at once (CPU / CUDA)
+CHUNK_ENTRIES = 1 << 20
+CHUNK_ENTRIES_CUDA = 1 << 22
 _FRAC_EPS = 1e-6  # fractional margin when choosing ghost shifts
 _REL_MARGIN = 1e-5  # relative margin of the candidate filter and bin size; exact check follows
 
@@ -126,20 +131,22 @@ def neighbor_search(
         pos = pos.detach()
         cell = cell.detach()
         # --- 1. effective cell, fractional coordinates, wrapping (float64 for robust integer decisions)
-        pbc_any = pbc.any(dim=1)
+        # the per-graph cell algebra ([B, 3, 3]) runs on the host: tiny, and no kernel launches
+        pbc_h = pbc.cpu()
         transform = None  # [B, 3, 3] long: reduced-basis shifts -> original-basis shifts
         search_cell = cell  # lattice used for the search (reduced where that helps)
-        if bool(pbc_any.any()):
-            red, trans = reduce_cell(cell.double(), pbc)
-            if not bool((trans == torch.eye(3, dtype=torch.long, device=device)).all()):
-                transform = trans
-                search_cell = red.to(dtype)
-            eff = effective_cell(red, pbc)
+        if bool(pbc_h.any()):
+            red, trans = reduce_cell(cell.to("cpu", torch.float64), pbc_h)
+            eff = effective_cell(red, pbc_h)
             heights = perpendicular_heights(eff)  # [B, 3]
-            frac = torch.einsum("nk,nkl->nl", pos.double(), torch.linalg.inv(eff)[batch])
+            if not bool((trans == torch.eye(3, dtype=torch.long)).all()):
+                transform = trans.to(device)
+                search_cell = red.to(device, dtype)
+            inv_eff = torch.linalg.inv(eff).to(device)
+            frac = torch.einsum("nk,nkl->nl", pos.double(), inv_eff[batch])
             pbc_atom = pbc[batch]
             fw, off = wrap_positions(frac, pbc_atom)
-            reach = (cutoff / heights)[batch]  # [N, 3]
+            reach = (cutoff / heights).to(device)[batch]  # [N, 3]
             lo = torch.ceil(-reach - _FRAC_EPS - fw).long()
             hi = torch.floor(1.0 + reach + _FRAC_EPS - fw).long()
             lo = torch.where(pbc_atom, lo, torch.zeros_like(lo))
@@ -215,73 +222,96 @@ def neighbor_search(
         # column (dx, dy, |dz| <= h) is one contiguous range of sorted ghosts
         ckey = key_of(cijk, batch)
         corder = torch.sort(ckey, stable=True).indices  # centres in bin order (memory locality)
-        cijk_o, cb_o = cijk[corder], batch[corder]
-        cdims = dims[cb_o]
-        starts, counts = [], []
-        for dx, dy, h in _stencil(m) if any_cells else [(0, 0, 0)]:
-            nb = cijk_o + torch.tensor([dx, dy, 0], device=device)
-            valid = (nb[:, :2] >= 0).all(dim=1) & (nb[:, :2] < cdims[:, :2]).all(dim=1)
-            nb = torch.minimum(nb.clamp_min(0), cdims - 1)
-            k0 = key_of(torch.stack([nb[:, 0], nb[:, 1], (cijk_o[:, 2] - h).clamp_min(0)], 1), cb_o)
-            k1 = key_of(torch.stack([nb[:, 0], nb[:, 1], torch.minimum(cijk_o[:, 2] + h, cdims[:, 2] - 1)], 1), cb_o)
-            s = torch.searchsorted(gkey, k0, right=False)
-            e = torch.searchsorted(gkey, k1, right=True)
-            starts.append(s)
-            counts.append(torch.where(valid, e - s, torch.zeros_like(s)))
-        start = torch.stack(starts, dim=1).reshape(-1)
-        count = torch.stack(counts, dim=1).reshape(-1)
-        centre = corder.repeat_interleave(len(starts))
-        nz = count > 0
-        start, count, centre = start[nz], count[nz], centre[nz]
-
-        # --- 5. chunked expansion, loose filter on ghost positions, exact check on original positions
-        cut_loose = (cutoff * (1 + _REL_MARGIN)) ** 2
-        one_cell = cell[0] if num_graphs == 1 else None
-        csum = torch.cumsum(count, dim=0)
+        cols = torch.tensor(_stencil(m) if any_cells else [(0, 0, 0)], dtype=torch.long, device=device)  # [C, 3]
+        on_cuda = device.type == "cuda"
+        block = max(1, (CHUNK_ENTRIES_CUDA if on_cuda else CHUNK_ENTRIES) // cols.shape[0])
+        chunk = CHUNK_CANDIDATES_CUDA if on_cuda else CHUNK_CANDIDATES
         out_i, out_j, out_s, out_d = [], [], [], []
-        pos_entry = 0
-        num_entries = count.numel()
-        while pos_entry < num_entries:
-            base = int(csum[pos_entry - 1]) if pos_entry > 0 else 0
-            end_entry = int(torch.searchsorted(csum, base + CHUNK_CANDIDATES, right=True))
-            end_entry = max(end_entry, pos_entry + 1)
-            st, ct = start[pos_entry:end_entry], count[pos_entry:end_entry]
-            tot = int(csum[end_entry - 1]) - base
-            ci = torch.repeat_interleave(centre[pos_entry:end_entry], ct, output_size=tot)
-            gi = torch.repeat_interleave(st - (csum[pos_entry:end_entry] - ct - base), ct, output_size=tot)
-            gi += torch.arange(tot, device=device)
-            d = gpos[gi]
-            d -= cpos[ci]
-            d.mul_(d)
-            keep = (d.sum(dim=1) < cut_loose).nonzero().squeeze(1)
-            ci, gi = ci[keep], gi[keep]
-            j = gatom[gi]
-            shift = gS[gi]
-            if wrapped:
-                shift = shift - off[j] + off[ci]
-            if transform is not None:
-                shift = (shift.unsqueeze(-1) * transform[batch[j]]).sum(dim=1)
-            vec = pos[j] - pos[ci]
-            if has_shift:
-                if one_cell is not None:
-                    vec += shift.to(dtype) @ one_cell
-                else:
-                    vec += torch.einsum("ek,ekl->el", shift.to(dtype), cell[batch[j]])
-            dist = torch.linalg.vector_norm(vec, dim=1)
-            keep = (dist < cutoff) & ~((j == ci) & (shift == 0).all(dim=1))
-            out_i.append(ci[keep])
-            out_j.append(j[keep])
-            out_s.append(shift[keep])
-            out_d.append(dist[keep])
-            pos_entry = end_entry
+        for b0 in range(0, n, block):
+            cidx = corder[b0 : b0 + block]
+            start, count = _column_ranges(cijk[cidx], dims[batch[cidx]], graph_base[batch[cidx]], cols, gkey)
+            centre = cidx.repeat_interleave(cols.shape[0])
+            nz = (count > 0).nonzero().squeeze(1)
+            start, count, centre = start[nz], count[nz], centre[nz]
+
+            # --- 5. chunked expansion, loose filter on ghost positions, exact check on original positions
+            cut_loose = (cutoff * (1 + _REL_MARGIN)) ** 2
+            one_cell = cell[0] if num_graphs == 1 else None
+            csum = torch.cumsum(count, dim=0)
+            pos_entry = 0
+            num_entries = count.numel()
+            while pos_entry < num_entries:
+                base = int(csum[pos_entry - 1]) if pos_entry > 0 else 0
+                end_entry = int(torch.searchsorted(csum, base + chunk, right=True))
+                end_entry = max(end_entry, pos_entry + 1)
+                st, ct = start[pos_entry:end_entry], count[pos_entry:end_entry]
+                tot = int(csum[end_entry - 1]) - base
+                ci = torch.repeat_interleave(centre[pos_entry:end_entry], ct, output_size=tot)
+                gi = torch.repeat_interleave(st - (csum[pos_entry:end_entry] - ct - base), ct, output_size=tot)
+                gi += torch.arange(tot, device=device)
+                d = gpos.index_select(0, gi)
+                d -= cpos.index_select(0, ci)
+                d.mul_(d)
+                keep = (d.sum(dim=1) < cut_loose).nonzero().squeeze(1)
+                del d
+                ci, gi = ci.index_select(0, keep), gi.index_select(0, keep)
+                j = gatom.index_select(0, gi)
+                shift = gS.index_select(0, gi)
+                if wrapped:
+                    shift = shift - off[j] + off[ci]
+                if transform is not None:
+                    shift = (shift.unsqueeze(-1) * transform[batch[j]]).sum(dim=1)
+                vec = pos[j] - pos[ci]
+                if has_shift:
+                    if one_cell is not None:
+                        vec += shift.to(dtype) @ one_cell
+                    else:
+                        vec += torch.einsum("ek,ekl->el", shift.to(dtype), cell[batch[j]])
+                dist = torch.linalg.vector_norm(vec, dim=1)
+                keep = ((dist < cutoff) & ~((j == ci) & (shift == 0).all(dim=1))).nonzero().squeeze(1)
+                out_i.append(ci[keep])
+                out_j.append(j[keep])
+                out_s.append(shift[keep])
+                out_d.append(dist[keep])
+                pos_entry = end_entry
         if not out_i:
             return empty
         i = torch.cat(out_i)
+        del out_i
         j = torch.cat(out_j)
-        shift = torch.cat(out_s)
-        dist = torch.cat(out_d)
-        perm = _sort_edges(i, j, shift, n)
-        return torch.stack([j[perm], i[perm]]), shift[perm], dist[perm]
+        del out_j
+        perm = _sort_edges(i, j, out_s, n)
+        i, j = i[perm], j[perm]
+        edge_index = torch.stack([j, i])
+        del i, j
+        shift = torch.cat(out_s)[perm]
+        del out_s
+        dist = torch.cat(out_d)[perm]
+        return edge_index, shift, dist
+
+
+def _column_ranges(
+    cijk: Tensor, cdims: Tensor, cbase: Tensor, cols: Tensor, gkey: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Ranges [start, start + count) of sorted ghosts in each stencil column around each centre.
+
+    Args:
+        cijk: [n, 3] bin of each centre; cdims: [n, 3] its graph's grid; cbase: [n] its graph's first key;
+        cols: [C, 3] stencil columns (dx, dy, h); gkey: [G] sorted ghost bin keys.
+    Returns:
+        (start [n * C], count [n * C]) with count 0 for columns outside the grid.
+    """
+    cd = cdims.unsqueeze(1)  # [n, 1, 3]
+    xy = cijk[:, None, :2] + cols[None, :, :2]  # [n, C, 2]
+    valid = ((xy >= 0) & (xy < cd[..., :2])).all(dim=-1)
+    xy = torch.minimum(xy.clamp_min(0), cd[..., :2] - 1)
+    z0 = (cijk[:, 2:3] - cols[None, :, 2]).clamp_min(0)
+    z1 = torch.minimum(cijk[:, 2:3] + cols[None, :, 2], cd[..., 2] - 1)
+    colkey = cbase.unsqueeze(1) + (xy[..., 0] * cd[..., 1] + xy[..., 1]) * cd[..., 2]
+    start = torch.searchsorted(gkey, (colkey + z0).reshape(-1), right=False)
+    end = torch.searchsorted(gkey, (colkey + z1).reshape(-1), right=True)
+    count = torch.where(valid.reshape(-1), end - start, torch.zeros_like(start))
+    return start, count
 
 
 def _stencil(m: int) -> list[tuple[int, int, int]]:
@@ -303,15 +333,16 @@ def _stencil(m: int) -> list[tuple[int, int, int]]:
     return cols
 
 
-def _sort_edges(i: Tensor, j: Tensor, shift: Tensor, n: int) -> Tensor:
-    """Permutation that orders edges by (i, j, shift) lexicographically."""
+def _sort_edges(i: Tensor, j: Tensor, shifts: list[Tensor], n: int) -> Tensor:
+    """Permutation that orders edges by (i, j, shift) lexicographically (shift given in chunks)."""
     if i.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=i.device)
-    m = max(int(shift.amax()), -int(shift.amin()))
+    m = max(max(int(s.amax()), -int(s.amin())) for s in shifts if s.numel())
     w = 2 * m + 1
-    code = ((shift[:, 0] + m) * w + (shift[:, 1] + m)) * w + (shift[:, 2] + m)
+    code = torch.cat([((s[:, 0] + m) * w + (s[:, 1] + m)) * w + (s[:, 2] + m) for s in shifts])
     if n * n * w**3 < 2**62:
-        return torch.sort((i * n + j) * w**3 + code).indices
+        code += (i * n + j) * w**3
+        return torch.sort(code).indices
     perm = torch.sort(code, stable=True).indices
     perm = perm[torch.sort((i * n + j)[perm], stable=True).indices]
     return perm
