@@ -105,19 +105,28 @@ def validate_structure(
 
 
 def _check_overlap(pos: np.ndarray, cell: np.ndarray | None, pbc: np.ndarray | None, where: str) -> None:
-    from equiformer.graph import radius_graph, radius_graph_pbc
-
-    p = torch.as_tensor(pos, dtype=torch.float64)
     if pbc is not None and np.any(pbc):
-        c = torch.as_tensor(cell, dtype=torch.float64)
-        edge_index, shift = radius_graph_pbc(p, c, torch.as_tensor(pbc), MIN_DISTANCE)
+        from equiformer.graph import radius_graph_pbc
+
+        edge_index, _ = radius_graph_pbc(
+            torch.as_tensor(pos, dtype=torch.float64), torch.as_tensor(cell, dtype=torch.float64),
+            torch.as_tensor(pbc), MIN_DISTANCE,
+        )
         if edge_index.shape[1] == 0:
             return
+        j, i = edge_index[:, 0].tolist()
     else:
-        edge_index = radius_graph(p, MIN_DISTANCE)
-        if edge_index.shape[1] == 0:
+        # in numpy: far cheaper than a torch graph build for one small molecule
+        if len(pos) <= 512:
+            d2 = ((pos[:, None, :] - pos[None, :, :]) ** 2).sum(-1)
+            close = np.argwhere(np.triu(d2 < MIN_DISTANCE**2, k=1))
+        else:
+            from scipy.spatial import cKDTree
+
+            close = cKDTree(pos).query_pairs(MIN_DISTANCE, output_type="ndarray")
+        if len(close) == 0:
             return
-    j, i = edge_index[:, 0].tolist()
+        i, j = sorted(close[0].tolist())
     raise StructureError(f"{where}atoms {i} and {j} overlap (closer than {MIN_DISTANCE} Å)")
 
 
