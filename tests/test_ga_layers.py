@@ -370,12 +370,12 @@ def test_gatr_learns_the_centroid():
     if small, fit that needs attention (the distance/inner-product logits) to pool."""
     torch.manual_seed(0)
     net = GATr(1, 1, 8, 1, 1, 8, num_blocks=1, num_heads=2)
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     g = gen(16)
 
     def batch():
-        p = torch.randn(32, 6, 3, generator=g)
-        return embed_point(p)[:, :, None], torch.ones(32, 6, 1), p.mean(1, keepdim=True).expand(-1, 6, -1)
+        p = torch.randn(16, 6, 3, generator=g)
+        return embed_point(p)[:, :, None], torch.ones(16, 6, 1), p.mean(1, keepdim=True).expand(-1, 6, -1)
 
     def loss_fn():
         mv, s, target = batch()
@@ -384,14 +384,14 @@ def test_gatr_learns_the_centroid():
 
     with torch.no_grad():
         start = sum(loss_fn().item() for _ in range(3)) / 3
-    for _ in range(150):
+    for _ in range(40):
         opt.zero_grad()
         loss = loss_fn()
         loss.backward()
         opt.step()
     with torch.no_grad():
         end = sum(loss_fn().item() for _ in range(3)) / 3
-    assert end < 0.01 * start, (start, end)
+    assert end < 0.02 * start, (start, end)
 
 
 # --- point encoder ------------------------------------------------------------------------
@@ -483,3 +483,36 @@ def test_point_encoder_inputs_and_config():
     plane = mv2[..., 1, :]
     torch.testing.assert_close(plane[..., 2:5], n, **TOL)
     torch.testing.assert_close((plane[..., 2:5] * p).sum(-1) + plane[..., 1], torch.zeros(2, 8, dtype=DT), **TOL)
+
+
+# --- compile and GPU (not run by default) --------------------------------------------------
+
+
+@pytest.mark.slow
+def test_gatr_compiles_fullgraph():
+    """No graph breaks (the eager table caches are bypassed under torch.compile)."""
+    net = small_gatr().float().eval()
+    g = gen(21)
+    mv, s = rand_inputs(g, lead=(2, 5), c=2, s=3)
+    mv, s = mv.float(), s.float()
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    compiled = torch.compile(net, fullgraph=True)
+    with torch.no_grad():
+        got, want = compiled(mv, s, mask=mask), net(mv, s, mask=mask)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_gatr_cuda_equivariance(dtype, tol):
+    net = small_gatr().to("cuda", dtype)
+    g = gen(22)
+    mv, s = (x.to("cuda", dtype) for x in rand_inputs(g, lead=(2, 64), c=2, s=3))
+    u = versor_for("e3_odd", g).to("cuda", dtype)
+    out_mv, out_s = net(mv, s)
+    mv2, s2 = net(sandwich(u, mv), s)
+    torch.testing.assert_close(mv2, sandwich(u, out_mv), rtol=tol, atol=tol)
+    torch.testing.assert_close(s2, out_s, rtol=tol, atol=tol)

@@ -178,11 +178,21 @@ def _table_cached(name: str, device: torch.device, dtype: torch.dtype) -> torch.
     return torch.as_tensor(np.array(arr), dtype=dtype, device=device)
 
 
-def table(name: str, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A table (see module docstring) as a torch tensor on ``device`` in ``dtype`` (cached).
+_CPU_TABLES = {k: torch.tensor(v.tolist(), dtype=torch.int64 if v.dtype == np.int64 else torch.float64)
+               for k, v in _TABLES.items()}
 
-    Integer tables (``DUAL_PERM``, ``UNDUAL_PERM``, ``GRADES``) stay int64.
+
+def table(name: str, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A table (see module docstring) as a torch tensor on ``device`` in ``dtype``.
+
+    Integer tables (``DUAL_PERM``, ``UNDUAL_PERM``, ``GRADES``) stay int64. Eagerly the
+    result is cached per (device, dtype); under ``torch.compile`` it is a graph constant
+    (the cache would break ``fullgraph=True``).
     """
     if name not in _TABLES:
         raise KeyError(f"unknown table {name!r}; known: {sorted(_TABLES)}")
-    return _table_cached(name, torch.device(device if device is not None else "cpu"), dtype)
+    device = torch.device(device if device is not None else "cpu")
+    if torch.compiler.is_compiling():
+        t = _CPU_TABLES[name]
+        return t.to(device=device) if t.dtype == torch.int64 else t.to(device=device, dtype=dtype)
+    return _table_cached(name, device, dtype)

@@ -38,8 +38,7 @@ __all__ = [
 NUM_BASIS = 9
 
 
-@functools.lru_cache(maxsize=None)
-def _basis_cached(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _make_basis() -> torch.Tensor:
     basis = torch.zeros(NUM_BASIS, 16, 16, dtype=torch.float64)
     grades = torch.tensor(GRADES.tolist())
     for k in range(5):  # grade projections
@@ -47,7 +46,15 @@ def _basis_cached(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     e0_left = torch.tensor(GP[1].tolist(), dtype=torch.float64)  # [16 (in), 16 (out)]: (e0 x)_m = sum_i x_i GP[e0, i, m]
     for k in range(4):  # x -> e0 <x>_k
         basis[5 + k] = e0_left * (grades == k).double()[:, None]
-    return basis.to(device=device, dtype=dtype)
+    return basis
+
+
+_BASIS = _make_basis()
+
+
+@functools.lru_cache(maxsize=None)
+def _basis_cached(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return _BASIS.to(device=device, dtype=dtype)
 
 
 def equi_linear_basis(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -55,7 +62,10 @@ def equi_linear_basis(device: torch.device | str | None = None, dtype: torch.dty
 
     ``B[0..4]``: grade projections ``<x>_k``; ``B[5..8]``: ``e0 <x>_k`` for k = 0..3.
     """
-    return _basis_cached(torch.device(device if device is not None else "cpu"), dtype)
+    device = torch.device(device if device is not None else "cpu")
+    if torch.compiler.is_compiling():  # a graph constant; the cache would break fullgraph
+        return _BASIS.to(device=device, dtype=dtype)
+    return _basis_cached(device, dtype)
 
 
 def _empty_scalars(mv: torch.Tensor) -> torch.Tensor:
