@@ -253,6 +253,36 @@ def test_float32_matches_float64():
     assert dist.dtype == torch.float32
 
 
+def test_float32_far_from_origin_is_symmetric():
+    """float32 at |x| ~ 1000 Å: both directions of every pair, same edges as float64 away from the cutoff."""
+    atoms = _random_periodic(3000, 0.05, seed=5)
+    atoms.positions += 1000.0
+    cutoff = 4.7
+    pos32, cell32, pbc = _tensors(atoms, torch.float32)
+    ei, shift, dist = neighbor_search(pos32, cell32, pbc, cutoff)
+    fwd = set(zip(ei[1].tolist(), ei[0].tolist(), map(tuple, shift.tolist())))
+    assert {(j, i, tuple(-v for v in s)) for i, j, s in fwd} == fwd
+    ref = _ours(atoms, cutoff)  # float64
+    ref_d = np.array([ref[k] for k in set(ref) ^ fwd if k in ref])
+    assert len(ref_d) < 10 and np.all(np.abs(ref_d - cutoff) < 1e-3)
+    assert all(abs(_ours(atoms, cutoff + 1e-3)[k] - cutoff) < 1e-3 for k in fwd - set(ref))
+
+
+def test_reduce_cell_keeps_the_lattice():
+    from equiformer.graph.pbc import perpendicular_heights, reduce_cell
+
+    skew = AseAtomsAdaptor.get_atoms(_crystals()["Si-skewed"])
+    cell = torch.tensor(np.array(skew.cell)).unsqueeze(0)
+    pbc = torch.ones(1, 3, dtype=torch.bool)
+    red, m = reduce_cell(cell, pbc)
+    assert torch.allclose(m.double() @ cell, red)
+    assert abs(float(torch.linalg.det(m.double()))) == 1.0
+    assert float(perpendicular_heights(red).min()) > 2.5 > float(perpendicular_heights(cell).min())
+    slab = torch.tensor([[[3.0, 0, 0], [7.4, 2.6, 0], [0, 0, 0]]])  # pbc (T, T, F), zero c vector
+    red, m = reduce_cell(slab, torch.tensor([[True, True, False]]))
+    assert torch.equal(m[0, 2], torch.tensor([0, 0, 1])) and float(red[0, 1].norm()) < 3.2
+
+
 # ----------------------------------------------------------------------------- batches and build_edges
 
 
@@ -403,6 +433,9 @@ def test_large_random_system_cell_list_matches_ase():
     assert np.array_equal(ours[o_ord], ref[r_ord])
     assert np.abs(dist.numpy()[o_ord] - ref_d[r_ord]).max() < 1e-6
     assert np.array_equal(o_ord, np.arange(len(o_ord)))  # already sorted by (i, j, shift)
+    # both directions: (i, j, S) <-> (j, i, -S)
+    rev = np.concatenate([ours[:, 1:2], ours[:, 0:1], -ours[:, 2:]], axis=1)
+    assert np.array_equal(rev[np.lexsort(rev.T[::-1])], ours)
 
 
 def test_large_cluster_cell_list_matches_kdtree():

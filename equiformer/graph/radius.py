@@ -9,10 +9,11 @@ Algorithm (no Python loop over atoms):
 2. Ghost atoms: every atom is replicated at the integer shifts S that bring it within
    ``cutoff`` of the wrapped cell (fractional range ``(-cutoff/h_k, 1 + cutoff/h_k)``, with
    ``h_k`` the perpendicular cell heights), so cutoffs longer than the cell work.
-3. Cell list: ghosts are binned into cubes of side >= cutoff (keys sorted once); each wrapped
-   centre atom looks up the 27 neighbouring bins with ``searchsorted``. Small graphs use one bin
-   per graph, which is the O(N^2) all-pairs search. Candidates are expanded in chunks so memory
-   stays bounded.
+3. Cell list: ghosts are binned into cubes of side cutoff/2 (keys sorted once, no dense grid);
+   bins of one (x, y) column have consecutive keys, so each wrapped centre atom finds its
+   candidates as 25 contiguous ranges of sorted ghosts with ``searchsorted``. Small graphs use one
+   bin per graph, which is the O(N^2) all-pairs search. Centres and candidates are processed in
+   blocks, so memory stays bounded.
 4. Survivors are re-checked with the exact vector ``pos[j] + shift @ cell - pos[i]`` on the
    ORIGINAL positions (input dtype), shifts being corrected for the wrapping.
 """
@@ -44,6 +45,7 @@ CHUNK_ENTRIES = 1 << 20
 CHUNK_ENTRIES_CUDA = 1 << 22
 _FRAC_EPS = 1e-6  # fractional margin when choosing ghost shifts
 _REL_MARGIN = 1e-5  # relative margin of the candidate filter and bin size; exact check follows
+_ULP_MARGIN = 64  # plus this many float eps times the coordinate scale (float32 rounding of ghosts)
 
 
 
@@ -175,6 +177,10 @@ def neighbor_search(
             gpos = pos[gatom]
             cpos = pos
 
+        # candidate filter / bins use cutoff + margin: ghost positions round differently from the exact check
+        scale = max(1.0, float(gpos.abs().max())) if G else 1.0
+        cut_search = cutoff * (1 + _REL_MARGIN) + _ULP_MARGIN * torch.finfo(dtype).eps * scale
+
         # --- 3. bins: one per graph (all pairs) or cubes of side cutoff / BINS_PER_CUTOFF
         natoms = torch.bincount(batch, minlength=num_graphs)
         nghost = torch.bincount(gbatch, minlength=num_graphs)
@@ -194,8 +200,8 @@ def neighbor_search(
             has = (natoms > 0).unsqueeze(1)
             extent = torch.where(has, (hi_b - lo_b).clamp_min(0), torch.zeros_like(hi_b))
             lo_b = torch.where(has, lo_b, torch.zeros_like(lo_b))
-            # bin width >= cutoff / m (a little more for rounding); at most 2**15 bins per direction
-            binsize = torch.clamp(extent.amax(dim=1) / 2**15, min=cutoff / m * (1 + _REL_MARGIN))  # [B]
+            # bin width >= cut_search / m; at most 2**15 bins per direction
+            binsize = torch.clamp(extent.amax(dim=1) / 2**15, min=cut_search / m)  # [B]
             dims = (torch.floor(extent / binsize.unsqueeze(1)).long() + 1).clamp_min(1)
             dims = torch.where(use_cells.unsqueeze(1), dims, torch.ones_like(dims))
 
@@ -235,7 +241,7 @@ def neighbor_search(
             start, count, centre = start[nz], count[nz], centre[nz]
 
             # --- 5. chunked expansion, loose filter on ghost positions, exact check on original positions
-            cut_loose = (cutoff * (1 + _REL_MARGIN)) ** 2
+            cut_loose = cut_search**2
             one_cell = cell[0] if num_graphs == 1 else None
             csum = torch.cumsum(count, dim=0)
             pos_entry = 0
