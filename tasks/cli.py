@@ -29,6 +29,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from equiformer.datasets.qm9 import resolve_qm9_targets
 from equiformer.tasks.datamodule import QM9DataModule
 from equiformer.tasks.property import PropertyTask
 
@@ -85,7 +86,7 @@ class EquiformerCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.targets", "model.targets", compute_fn=lambda t: [str(x) for x in t])
+        parser.link_arguments("data.targets", "model.targets", compute_fn=resolve_qm9_targets)
         parser.add_argument("--float32_matmul_precision", type=str | None, default=None,
                             help="torch.set_float32_matmul_precision: 'highest', 'high' (TF32 on GPUs) or 'medium'")
         if self._equiformer_subcommand == "train":
@@ -97,6 +98,13 @@ class EquiformerCLI(LightningCLI):
                                 help="checkpoint to evaluate; 'best'/'last' look in <default_root_dir>/checkpoints")
             parser.add_argument("--ckpt_path", type=str | None, default=None, help="same as --ckpt")
             parser.add_argument("--split", type=str, default="test", help="'test' (default) or 'val'")
+
+    def before_instantiate_classes(self) -> None:
+        # canonical target names for both sides ("u0" -> "U0", "homo,lumo" -> [...]) so that the
+        # task's and the datamodule's logged hyper-parameters agree
+        data = self.config.get("data")
+        if data is not None and data.get("targets") is not None:
+            data["targets"] = resolve_qm9_targets(data["targets"])
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Trainer with our default loggers (CSV + TensorBoard) and callbacks (best/last checkpoints, rich bar)."""

@@ -129,3 +129,11 @@ def test_configs_cover_all_qm9_targets():
     assert homo["model"]["lr"] == 5e-4 and homo["model"]["weight_decay"] == 5e-3 and homo["model"]["loss"] == "l1"
     assert homo["data"]["batch_size"] == 128 and homo["trainer"]["max_epochs"] == 300
     assert homo["model"]["warmup_epochs"] == 5
+
+
+def test_target_names_are_canonical_on_both_sides(tmp_path):
+    cli = task_cli._build(["--config", SMOKE, "--data.targets", "u0,HOMO", "--trainer.default_root_dir", str(tmp_path),
+                           "--model.model_kwargs", '{"preset": "small", "num_layers": 1}'], "train")
+    assert cli.model.targets == ["U0", "homo"] == cli.datamodule.target_names
+    assert cli.model.hparams_initial["targets"] == cli.datamodule.hparams_initial["targets"]
+    assert cli.model.model.config["num_targets"] == 2 and cli.model.model.config["num_layers"] == 1
