@@ -64,6 +64,7 @@ def run_neighbors(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         ase=not args.no_ase,
         ase_timings=ase_timings,
+        ase_source=args.ase_json,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     table = markdown_table(result)

@@ -129,6 +129,7 @@ def run_benchmark(
     ase: bool = True,
     ase_timings: dict[tuple[str, int], float] | None = None,
     log: Callable[[str], None] | None = None,
+    ase_source: str | None = None,
 ) -> dict[str, Any]:
     """Time ours (and ASE where available) on each system and size.
 
@@ -191,6 +192,9 @@ def run_benchmark(
         "cutoff": cutoff,
         "repeats": repeats,
     }
+    if ase_timings and neighbor_list is None:
+        meta["ase_source"] = ase_source or "a previous benchmark JSON"
+
     return {"meta": meta, "results": rows}
 
 
@@ -209,12 +213,13 @@ def _row_line(r: dict[str, Any]) -> str:
 def markdown_table(result: dict[str, Any]) -> str:
     """The benchmark as a markdown table (times in ms)."""
     meta = result["meta"]
+    mem = any("peak_mem_mb" in r for r in result["results"])
     lines = [
         f"Neighbour list, cutoff {meta['cutoff']} Å, {meta['dtype']}, device {meta['device']}, "
         f"torch {meta['torch']} ({meta['threads']} threads); times are medians in ms.",
         "",
-        "| system | atoms | periodic | edges | ours (ms) | ASE (ms) | ASE / ours | same edges as ASE |",
-        "|---|---:|:---:|---:|---:|---:|---:|:---:|",
+        "| system | atoms | periodic | edges | ours (ms) | ASE (ms) | ASE / ours | same edges as ASE |" + (" peak GPU MiB |" if mem else ""),
+        "|---|---:|:---:|---:|---:|---:|---:|:---:|" + ("---:|" if mem else ""),
     ]
     for r in result["results"]:
         ase_ms = None if r["ase_s"] is None else r["ase_s"] * 1e3
@@ -225,7 +230,11 @@ def markdown_table(result: dict[str, Any]) -> str:
         lines.append(
             f"| {r['system']} | {r['n']} | {'yes' if r['periodic'] else 'no'} | {r['edges']} | "
             f"{_fmt(r['ours_s'] * 1e3)} | {_fmt(ase_ms)} | {_fmt(r['ratio'], 3)} | {match} |"
+            + (f" {r['peak_mem_mb']:.0f} |" if mem else "")
         )
+    if meta.get("ase_source"):
+        lines.append("")
+        lines.append(f"ASE times taken from {meta['ase_source']} (ASE runs on the CPU only).")
     return "\n".join(lines)
 
 
