@@ -585,6 +585,9 @@ def export_from_lightning(
     meta["training"].setdefault("epochs", ckpt.get("epoch"))
     meta["training"].setdefault("global_step", ckpt.get("global_step"))
     meta["training"].setdefault("lightning_version", ckpt.get("pytorch-lightning_version"))
+    commit = _git_commit()
+    if commit:
+        meta["training"].setdefault("exported_at_commit", commit)
     meta["license"] = license
     if meta["elements"] is None:
         meta.pop("elements")
@@ -592,6 +595,24 @@ def export_from_lightning(
     js = save_pretrained(model, meta, out, name=name, ema=is_ema)
     _check_round_trip(model, js)
     return js
+
+
+def _git_commit() -> str | None:
+    """The equiformer source's git commit (with '+dirty' when changed), when it is a checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "equiformer"],
+                               capture_output=True, text=True, timeout=10)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _guess_dataset(meta: Mapping[str, Any], dm_hp: Mapping[str, Any]) -> str | None:
