@@ -114,8 +114,10 @@ class PropertyTask(pl.LightningModule):
         target_info: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(targets, str):
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
         targets = list(targets) if targets is not None else ["homo"]
-        if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
+        if not targets or not all(isinstance(t, str) for t in targets):
             raise ValueError(f"PropertyTask: targets must be a non-empty list of names, got {targets!r}")
         if len(set(targets)) != len(targets):
             raise ValueError(f"PropertyTask: duplicate targets {targets}")
@@ -144,6 +146,8 @@ class PropertyTask(pl.LightningModule):
         self.register_buffer("atomref", torch.zeros(T, NUM_ELEMENTS, dtype=torch.float64))
         self._normalization_ready = False
         if normalization is not None:
+            if not isinstance(normalization, Mapping) or "mean" not in normalization or "std" not in normalization:
+                raise ValueError("PropertyTask: normalization must be {'mean': [T], 'std': [T], 'atomref': [T][119] (optional)}")
             self.set_normalization(normalization["mean"], normalization["std"], normalization.get("atomref"))
         self.target_info: dict[str, dict[str, Any]] = {}
         if target_info is not None:
@@ -151,7 +155,7 @@ class PropertyTask(pl.LightningModule):
 
         self.val_mae = PerTargetMAE(T)
         self.test_mae = PerTargetMAE(T)
-        #: molecules in the last val/test evaluation (all processes), by stage
+        #: molecules in the last val/test evaluation of this process, by stage
         self.eval_counts: dict[str, int] = {}
         self._t_last: float | None = None
         self._epoch_t0: float | None = None
