@@ -167,6 +167,14 @@ def test_radius_graph_batch_does_not_cross_graphs():
     ei = radius_graph(pos, 30.0, batch)  # larger than any molecule: complete graphs
     assert bool((batch[ei[0]] == batch[ei[1]]).all())
     assert ei.shape[1] == sum(len(m) * (len(m) - 1) for m in mols)
+    # an unsorted batch vector (atoms of the graphs interleaved) gives the same graph
+    perm = torch.randperm(len(pos), generator=torch.Generator().manual_seed(0))
+    inv = torch.argsort(perm)
+    for method in METHODS:
+        ei_p = radius_graph(pos[perm], 3.0, batch[perm], method=method)
+        ref = radius_graph(pos, 3.0, batch)
+        got = inv[ei_p]  # back to the original atom numbering
+        assert sorted(zip(got[1].tolist(), got[0].tolist())) == list(zip(ref[1].tolist(), ref[0].tolist()))
 
 
 # ----------------------------------------------------------------------------- tests: crystals

@@ -7,10 +7,18 @@ vector may be anything (zeros for molecules).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["as_batched_cell_pbc", "effective_cell", "perpendicular_heights", "reduce_cell", "wrap_positions"]
+__all__ = [
+    "as_batched_cell_pbc",
+    "effective_cell",
+    "perpendicular_heights",
+    "reduce_cell",
+    "search_geometry",
+    "wrap_positions",
+]
 
 
 def as_batched_cell_pbc(
@@ -48,6 +56,32 @@ def as_batched_cell_pbc(
     return cell, pbc
 
 
+def _reduce_cell_np(cell: np.ndarray, pbc: np.ndarray, max_iter: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """numpy core of :func:`reduce_cell` (float64 [B,3,3], bool [B,3]) -> (reduced, M int64)."""
+    red = np.array(cell, dtype=np.float64, copy=True)
+    B = red.shape[0]
+    trans = np.repeat(np.eye(3)[None], B, axis=0)
+    pairs = [(k, l) for k in range(3) for l in range(3) if k != l]
+    both = {(k, l): pbc[:, k] & pbc[:, l] for k, l in pairs}
+    if not any(v.any() for v in both.values()):
+        return red, trans.astype(np.int64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for _ in range(max_iter):
+            changed = False
+            for k, l in pairs:
+                num = np.einsum("bi,bi->b", red[:, k], red[:, l])
+                den = np.einsum("bi,bi->b", red[:, l], red[:, l])
+                q = np.round(num / den)
+                q = np.where(both[(k, l)] & np.isfinite(q) & (den > 0), q, 0.0)
+                if q.any():
+                    red[:, k] -= q[:, None] * red[:, l]
+                    trans[:, k] -= q[:, None] * trans[:, l]
+                    changed = True
+            if not changed:
+                break
+    return red, np.round(trans).astype(np.int64)
+
+
 def reduce_cell(cell: Tensor, pbc: Tensor, max_iter: int = 100) -> tuple[Tensor, Tensor]:
     """Pairwise (Gauss) reduction of the periodic lattice vectors, batched over graphs.
 
@@ -56,36 +90,51 @@ def reduce_cell(cell: Tensor, pbc: Tensor, max_iter: int = 100) -> tuple[Tensor,
     perpendicular heights are close to its vector lengths, so far fewer periodic images are needed.
 
     Args:
-        cell: [B, 3, 3] lattice rows (float64 recommended).
+        cell: [B, 3, 3] lattice rows.
         pbc: [B, 3] bool; non-periodic rows are left alone.
     Returns:
-        (reduced [B, 3, 3], M [B, 3, 3] long) with ``reduced = M @ cell`` and ``det M = +-1``. An image
-        shift ``s`` in the reduced basis is ``s @ M`` in the original one.
+        (reduced [B, 3, 3] (cell's dtype/device), M [B, 3, 3] long) with ``reduced = M @ cell`` and
+        ``det M = +-1``. An image shift ``s`` in the reduced basis is ``s @ M`` in the original one.
     """
-    red = cell.clone()
+    red, trans = _reduce_cell_np(_np64(cell), pbc.detach().cpu().numpy().astype(bool), max_iter)
+    return torch.as_tensor(red, dtype=cell.dtype, device=cell.device), torch.as_tensor(trans, device=cell.device)
+
+
+def _np64(x: Tensor) -> np.ndarray:
+    return x.detach().to("cpu", torch.float64).numpy()
+
+
+def _unit_np(v: np.ndarray) -> np.ndarray:
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-300)
+
+
+def _effective_cell_np(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """numpy core of :func:`effective_cell`; raises ValueError for degenerate periodic vectors."""
     B = cell.shape[0]
-    trans = torch.eye(3, dtype=cell.dtype, device=cell.device).repeat(B, 1, 1)
-    pairs = [(k, l) for k in range(3) for l in range(3) if k != l]
-    both = {(k, l): pbc[:, k] & pbc[:, l] for k, l in pairs}
-    if not any(bool(v.any()) for v in both.values()):
-        return red, trans.long()
-    for _ in range(max_iter):
-        changed = torch.zeros((), dtype=torch.bool, device=cell.device)
-        for k, l in pairs:
-            num = (red[:, k] * red[:, l]).sum(-1)
-            den = (red[:, l] * red[:, l]).sum(-1)
-            q = torch.round(num / den.clamp_min(1e-300))
-            q = torch.where(both[(k, l)] & torch.isfinite(q) & (den > 0), q, torch.zeros_like(q))
-            red[:, k] -= q.unsqueeze(-1) * red[:, l]
-            trans[:, k] -= q.unsqueeze(-1) * trans[:, l]
-            changed |= (q != 0).any()
-        if not bool(changed):
-            break
-    return red, trans.round().long()
-
-
-def _unit(v: Tensor) -> Tensor:
-    return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(1e-300)
+    eff = np.where(pbc[:, :, None], cell, np.eye(3)[None])
+    nper = pbc.sum(axis=1)
+    for k in range(3):  # two periodic directions: the unit normal of the periodic pair
+        sel = (nper == 2) & ~pbc[:, k]
+        if sel.any():
+            eff[sel, k] = _unit_np(np.cross(cell[sel, (k + 1) % 3], cell[sel, (k + 2) % 3]))
+    for k in range(3):  # one periodic direction a: two unit vectors perpendicular to a and each other
+        sel = (nper == 1) & pbc[:, k]
+        if sel.any():
+            a = cell[sel, k]
+            helper = np.eye(3)[np.abs(a).argmin(axis=-1)]
+            u = _unit_np(np.cross(a, helper))
+            eff[sel, (k + 1) % 3] = u
+            eff[sel, (k + 2) % 3] = _unit_np(np.cross(a, u))
+    det = np.abs(np.linalg.det(eff)) if B else np.zeros(0)
+    scale = np.linalg.norm(eff, axis=-1).prod(axis=-1)
+    bad = ~(det > 1e-8 * scale)
+    if bad.any():
+        g = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"graph {g}: the periodic lattice vectors {cell[g][pbc[g]].tolist()} are zero or linearly "
+            "dependent; give a valid cell or set pbc=False in those directions"
+        )
+    return eff
 
 
 def effective_cell(cell: Tensor, pbc: Tensor) -> Tensor:
@@ -98,44 +147,35 @@ def effective_cell(cell: Tensor, pbc: Tensor) -> Tensor:
         cell: [B, 3, 3] lattice rows (Å), any float dtype.
         pbc: [B, 3] bool.
     Returns:
-        [B, 3, 3] invertible cell, same dtype as ``cell``.
+        [B, 3, 3] invertible cell, same dtype/device as ``cell``.
     Raises:
         ValueError: when the periodic lattice vectors are zero or linearly dependent.
     """
-    B = cell.shape[0]
-    eye = torch.eye(3, dtype=cell.dtype, device=cell.device).expand(B, 3, 3)
-    eff = torch.where(pbc.unsqueeze(-1), cell, eye)  # start: periodic rows kept
-    nper = pbc.sum(dim=1)
+    eff = _effective_cell_np(_np64(cell), pbc.detach().cpu().numpy().astype(bool))
+    return torch.as_tensor(eff, dtype=cell.dtype, device=cell.device)
 
-    # two periodic directions: the missing row is the unit normal of the two periodic ones
-    for k in range(3):
-        a, b = cell[:, (k + 1) % 3], cell[:, (k + 2) % 3]
-        normal = _unit(torch.linalg.cross(a, b))
-        sel = (nper == 2) & ~pbc[:, k]
-        eff[:, k] = torch.where(sel.unsqueeze(-1), normal, eff[:, k])
 
-    # one periodic direction a: the other two rows are unit vectors perpendicular to a and each other
-    for k in range(3):
-        sel = (nper == 1) & pbc[:, k]
-        if not bool(sel.any()):
-            continue
-        a = cell[:, k]
-        helper = torch.nn.functional.one_hot(a.abs().argmin(dim=-1), 3).to(cell.dtype)
-        u = _unit(torch.linalg.cross(a, helper))
-        w = _unit(torch.linalg.cross(a, u))
-        eff[:, (k + 1) % 3] = torch.where(sel.unsqueeze(-1), u, eff[:, (k + 1) % 3])
-        eff[:, (k + 2) % 3] = torch.where(sel.unsqueeze(-1), w, eff[:, (k + 2) % 3])
+def _heights_np(cell: np.ndarray) -> np.ndarray:
+    vol = np.abs(np.linalg.det(cell))
+    areas = np.stack([np.linalg.norm(np.cross(cell[:, (k + 1) % 3], cell[:, (k + 2) % 3]), axis=-1) for k in range(3)], -1)
+    return vol[:, None] / areas
 
-    det = torch.linalg.det(eff).abs()
-    scale = torch.linalg.vector_norm(eff, dim=-1).prod(dim=-1)
-    bad = ~(det > 1e-8 * scale)
-    if bool(bad.any()):
-        g = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"graph {g}: the periodic lattice vectors {cell[g][pbc[g]].tolist()} are zero or linearly "
-            "dependent; give a valid cell or set pbc=False in those directions"
-        )
-    return eff
+
+def search_geometry(cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> dict[str, np.ndarray]:
+    """Everything the periodic search needs from the cells, computed on the host in float64.
+
+    Args:
+        cell: [B, 3, 3] float64 lattice rows (Å); pbc: [B, 3] bool; cutoff in Å.
+    Returns:
+        dict with ``reduced`` [B,3,3] (search lattice, same lattice as ``cell``), ``transform`` [B,3,3]
+        int64 (reduced-basis shift -> original-basis shift), ``inv_eff`` [B,3,3] (Cartesian ->
+        fractional w.r.t. the effective reduced cell) and ``reach`` [B,3] = cutoff / heights
+        (0 where not periodic).
+    """
+    red, trans = _reduce_cell_np(cell, pbc)
+    eff = _effective_cell_np(red, pbc)
+    reach = np.where(pbc, cutoff / _heights_np(eff), 0.0)
+    return {"reduced": red, "transform": trans, "inv_eff": np.linalg.inv(eff), "reach": reach}
 
 
 def perpendicular_heights(cell: Tensor) -> Tensor:
@@ -146,12 +186,7 @@ def perpendicular_heights(cell: Tensor) -> Tensor:
     Returns:
         [B, 3] heights (Å); ``ceil(cutoff / h_k)`` images per direction suffice for wrapped atoms.
     """
-    vol = torch.linalg.det(cell).abs()
-    areas = torch.stack(
-        [torch.linalg.vector_norm(torch.linalg.cross(cell[:, (k + 1) % 3], cell[:, (k + 2) % 3]), dim=-1) for k in range(3)],
-        dim=-1,
-    )
-    return vol.unsqueeze(-1) / areas
+    return torch.as_tensor(_heights_np(_np64(cell)), dtype=cell.dtype, device=cell.device)
 
 
 def wrap_positions(frac: Tensor, pbc_atom: Tensor) -> tuple[Tensor, Tensor]:

@@ -23,10 +23,11 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .pbc import as_batched_cell_pbc, effective_cell, perpendicular_heights, reduce_cell, wrap_positions
+from .pbc import as_batched_cell_pbc, search_geometry, wrap_positions
 
 __all__ = ["radius_graph", "radius_graph_pbc", "neighbor_search"]
 
@@ -132,50 +133,52 @@ def neighbor_search(
     with torch.no_grad():
         pos = pos.detach()
         cell = cell.detach()
-        # --- 1. effective cell, fractional coordinates, wrapping (float64 for robust integer decisions)
-        # the per-graph cell algebra ([B, 3, 3]) runs on the host: tiny, and no kernel launches
-        pbc_h = pbc.cpu()
+        # --- 1. the per-graph cell algebra ([B, 3, 3]) runs on the host in float64 (tiny; no kernel launches)
+        pbc_h = pbc.cpu().numpy()
         transform = None  # [B, 3, 3] long: reduced-basis shifts -> original-basis shifts
         search_cell = cell  # lattice used for the search (reduced where that helps)
-        if bool(pbc_h.any()):
-            red, trans = reduce_cell(cell.to("cpu", torch.float64), pbc_h)
-            eff = effective_cell(red, pbc_h)
-            heights = perpendicular_heights(eff)  # [B, 3]
-            if not bool((trans == torch.eye(3, dtype=torch.long)).all()):
-                transform = trans.to(device)
-                search_cell = red.to(device, dtype)
-            inv_eff = torch.linalg.inv(eff).to(device)
+        if pbc_h.any():
+            geo = search_geometry(cell.to("cpu", torch.float64).numpy(), pbc_h, cutoff)
+            B = num_graphs
+            packed = np.concatenate(
+                [geo["inv_eff"].reshape(B, 9), geo["reach"], geo["reduced"].reshape(B, 9), geo["transform"].reshape(B, 9)],
+                axis=1,
+            )
+            packed_d = torch.from_numpy(packed).to(device)  # one host-to-device copy
+            inv_eff, reach_g = packed_d[:, :9].reshape(B, 3, 3), packed_d[:, 9:12]
+            if not (geo["transform"] == np.eye(3, dtype=np.int64)).all():
+                search_cell = packed_d[:, 12:21].reshape(B, 3, 3).to(dtype)
+                transform = packed_d[:, 21:30].reshape(B, 3, 3).round().long()
+            # fractional coordinates, wrapping into [0, 1) along periodic directions
             frac = torch.einsum("nk,nkl->nl", pos.double(), inv_eff[batch])
             pbc_atom = pbc[batch]
             fw, off = wrap_positions(frac, pbc_atom)
-            reach = (cutoff / heights).to(device)[batch]  # [N, 3]
-            lo = torch.ceil(-reach - _FRAC_EPS - fw).long()
-            hi = torch.floor(1.0 + reach + _FRAC_EPS - fw).long()
-            lo = torch.where(pbc_atom, lo, torch.zeros_like(lo))
-            hi = torch.where(pbc_atom, hi, torch.zeros_like(hi))
-        else:
-            off = torch.zeros(n, 3, dtype=torch.long, device=device)
-            lo = hi = off
+            reach = reach_g[batch]  # [N, 3], 0 where not periodic
+            lo = torch.where(pbc_atom, torch.ceil(-reach - _FRAC_EPS - fw), 0.0).long()
+            hi = torch.where(pbc_atom, torch.floor(1.0 + reach + _FRAC_EPS - fw), 0.0).long()
 
-        # --- 2. ghost atoms (atom index, wrapped-frame shift S, Cartesian position)
-        span = hi - lo + 1  # [N, 3]
-        gcount = span.prod(dim=1)
-        G = int(gcount.sum())
-        gatom, t = _expand_ranges(torch.zeros_like(gcount), gcount, G)
-        sp = span[gatom]
-        s2 = t % sp[:, 2]
-        s1 = (t // sp[:, 2]) % sp[:, 1]
-        s0 = t // (sp[:, 2] * sp[:, 1])
-        gS = lo[gatom] + torch.stack([s0, s1, s2], dim=1)  # [G, 3]
-        gbatch = batch[gatom]
-        wrapped = bool((off != 0).any())
-        has_shift = wrapped or bool((gS != 0).any())
-        if has_shift:
+            # --- 2. ghost atoms (atom index, wrapped-frame shift S, Cartesian position)
+            span = hi - lo + 1  # [N, 3]
+            gcount = span.prod(dim=1)
+            G = int(gcount.sum())
+            gatom, t = _expand_ranges(torch.zeros_like(gcount), gcount, G)
+            sp = span[gatom]
+            s2 = t % sp[:, 2]
+            s1 = (t // sp[:, 2]) % sp[:, 1]
+            s0 = t // (sp[:, 2] * sp[:, 1])
+            gS = lo[gatom] + torch.stack([s0, s1, s2], dim=1)  # [G, 3]
+            gbatch = batch[gatom]
+            wrapped = bool((off != 0).any())
+            has_shift = True
             gpos = pos[gatom] + torch.einsum("gk,gkl->gl", (gS - off[gatom]).to(dtype), search_cell[gbatch])
             cpos = pos - torch.einsum("nk,nkl->nl", off.to(dtype), search_cell[batch])
-        else:
-            gpos = pos[gatom]
-            cpos = pos
+        else:  # molecules only: the atoms are their own (only) ghosts
+            G = n
+            gatom = torch.arange(n, device=device)
+            off = gS = torch.zeros(n, 3, dtype=torch.long, device=device)
+            gbatch = batch
+            wrapped = has_shift = False
+            gpos = cpos = pos
 
         # candidate filter / bins use cutoff + margin: ghost positions round differently from the exact check
         scale = max(1.0, float(gpos.abs().max())) if G else 1.0
@@ -211,34 +214,40 @@ def neighbor_search(
 
             gijk = bin_of(gpos, gbatch)
             cijk = bin_of(cpos, batch)
+            graph_base = _exclusive_cumsum(dims.prod(dim=1))
+
+            def key_of(ijk: Tensor, b: Tensor) -> Tensor:
+                d = dims[b]
+                return graph_base[b] + (ijk[:, 0] * d[:, 1] + ijk[:, 1]) * d[:, 2] + ijk[:, 2]
+
+            gkey, order = torch.sort(key_of(gijk, gbatch), stable=True)
+            gpos, gatom, gS = gpos[order], gatom[order], gS[order]
+            corder = torch.sort(key_of(cijk, batch), stable=True).indices  # centres in bin order (locality)
+            cols = torch.tensor(_stencil(m), dtype=torch.long, device=device)  # [C, 3]
         else:
-            dims = torch.ones(num_graphs, 3, dtype=torch.long, device=device)
-            gijk = torch.zeros(G, 3, dtype=torch.long, device=device)
-            cijk = torch.zeros(n, 3, dtype=torch.long, device=device)
-        graph_base = _exclusive_cumsum(dims.prod(dim=1))
-
-        def key_of(ijk: Tensor, b: Tensor) -> Tensor:
-            d = dims[b]
-            return graph_base[b] + (ijk[:, 0] * d[:, 1] + ijk[:, 1]) * d[:, 2] + ijk[:, 2]
-
-        gkey, order = torch.sort(key_of(gijk, gbatch), stable=True)
-        gpos, gatom, gS = gpos[order], gatom[order], gS[order]
+            # all pairs within each graph: the candidates of a centre are all ghosts of its graph
+            if G > 1 and not bool((gbatch[1:] >= gbatch[:-1]).all()):
+                order = torch.sort(gbatch, stable=True).indices
+                gpos, gatom, gS = gpos[order], gatom[order], gS[order]
+            gfirst = _exclusive_cumsum(nghost)
+            corder = torch.arange(n, device=device)
+            cols = torch.zeros(1, 3, dtype=torch.long, device=device)
 
         # --- 4. candidate ranges: bins of one (x, y) column are consecutive keys, so each stencil
         # column (dx, dy, |dz| <= h) is one contiguous range of sorted ghosts
-        ckey = key_of(cijk, batch)
-        corder = torch.sort(ckey, stable=True).indices  # centres in bin order (memory locality)
-        cols = torch.tensor(_stencil(m) if any_cells else [(0, 0, 0)], dtype=torch.long, device=device)  # [C, 3]
         on_cuda = device.type == "cuda"
         block = max(1, (CHUNK_ENTRIES_CUDA if on_cuda else CHUNK_ENTRIES) // cols.shape[0])
         chunk = CHUNK_CANDIDATES_CUDA if on_cuda else CHUNK_CANDIDATES
         out_i, out_j, out_s, out_d = [], [], [], []
         for b0 in range(0, n, block):
             cidx = corder[b0 : b0 + block]
-            start, count = _column_ranges(cijk[cidx], dims[batch[cidx]], graph_base[batch[cidx]], cols, gkey)
-            centre = cidx.repeat_interleave(cols.shape[0])
-            nz = (count > 0).nonzero().squeeze(1)
-            start, count, centre = start[nz], count[nz], centre[nz]
+            if any_cells:
+                start, count = _column_ranges(cijk[cidx], dims[batch[cidx]], graph_base[batch[cidx]], cols, gkey)
+                centre = cidx.repeat_interleave(cols.shape[0])
+                nz = (count > 0).nonzero().squeeze(1)
+                start, count, centre = start[nz], count[nz], centre[nz]
+            else:
+                start, count, centre = gfirst[batch[cidx]], nghost[batch[cidx]], cidx
 
             # --- 5. chunked expansion, loose filter on ghost positions, exact check on original positions
             cut_loose = cut_search**2
