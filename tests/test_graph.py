@@ -169,11 +169,10 @@ def test_radius_graph_batch_does_not_cross_graphs():
     assert ei.shape[1] == sum(len(m) * (len(m) - 1) for m in mols)
     # an unsorted batch vector (atoms of the graphs interleaved) gives the same graph
     perm = torch.randperm(len(pos), generator=torch.Generator().manual_seed(0))
-    inv = torch.argsort(perm)
     for method in METHODS:
         ei_p = radius_graph(pos[perm], 3.0, batch[perm], method=method)
         ref = radius_graph(pos, 3.0, batch)
-        got = inv[ei_p]  # back to the original atom numbering
+        got = perm[ei_p]  # back to the original atom numbering (new atom k is old perm[k])
         assert sorted(zip(got[1].tolist(), got[0].tolist())) == list(zip(ref[1].tolist(), ref[0].tolist()))
 
 
