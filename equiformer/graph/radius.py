@@ -233,8 +233,9 @@ def neighbor_search(
             corder = torch.arange(n, device=device)
             cols = torch.zeros(1, 3, dtype=torch.long, device=device)
 
-        # --- 4. candidate ranges: bins of one (x, y) column are consecutive keys, so each stencil
-        # column (dx, dy, |dz| <= h) is one contiguous range of sorted ghosts
+        # --- 4. candidate ranges of sorted ghosts, per block of centres. Cell lists: bins of one (x, y)
+        # column are consecutive keys, so each stencil column (dx, dy, |dz| <= h) is one contiguous
+        # range. All pairs: one range per centre, the ghosts of its graph.
         on_cuda = device.type == "cuda"
         block = max(1, (CHUNK_ENTRIES_CUDA if on_cuda else CHUNK_ENTRIES) // cols.shape[0])
         chunk = CHUNK_CANDIDATES_CUDA if on_cuda else CHUNK_CANDIDATES
