@@ -14,6 +14,7 @@ from equiformer.o3.wigner import (
     WignerD,
     coefficient_index,
     edge_rotation_matrix,
+    order_major_coefficients,
     truncated_coefficients,
     wigner_D_from_matrix,
 )
@@ -188,6 +189,9 @@ def test_coefficient_layouts():
     trunc = truncated_coefficients(6, 2)
     assert len(trunc) == 1 + 3 + 5 * 5 and (6, 3) not in trunc and (6, -2) in trunc
     assert [coefficient_index(l, m) for l, m in truncated_coefficients(3, 3)] == list(range(16))
+    order = order_major_coefficients(3, 2)
+    assert sorted(order) == sorted(truncated_coefficients(3, 2))
+    assert order[:6] == [(0, 0), (1, 0), (2, 0), (3, 0), (1, 1), (2, 1)] and order[-2:] == [(2, -2), (3, -2)]
     with pytest.raises(ValueError):
         coefficient_index(1, 2)
 
@@ -211,6 +215,11 @@ def test_grid_round_trip_is_exact_for_band_limited_functions(lmax, mmax, resolut
     grid = S2Grid(lmax, mmax, resolution).double()
     coeffs = torch.randn(5, grid.num_coefficients, 3, generator=torch.Generator().manual_seed(lmax), dtype=F64)
     assert (grid.from_grid(grid.to_grid(coeffs)) - coeffs).abs().max() < 1e-12
+    # the edge-frame (order-major) layout is a permutation of the same coefficients: same grid values
+    by_order = S2Grid(lmax, mmax, resolution, layout="order").double()
+    perm = [truncated_coefficients(lmax, mmax).index(lm) for lm in order_major_coefficients(lmax, mmax)]
+    assert (by_order.to_grid(coeffs[:, perm]) - grid.to_grid(coeffs)).abs().max() < 1e-12
+    assert (by_order.from_grid(by_order.to_grid(coeffs[:, perm])) - coeffs[:, perm]).abs().max() < 1e-12
 
 
 def test_grid_values_are_the_function_and_rotate_with_wigner_d():

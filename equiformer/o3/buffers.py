@@ -25,7 +25,11 @@ class ExactConstants(nn.Module):
         self._constant_masters: dict[str, Tensor] = {}
 
     def register_constant(self, name: str, value: Tensor) -> None:
-        """Register ``value`` (computed in float64; integer tensors are kept as they are) as buffer ``name``."""
+        """Register ``value`` (a CPU tensor computed in float64; integer tensors are kept as they are) as buffer ``name``.
+
+        The buffer starts on the CPU in the default dtype, also under a ``torch.device("meta")`` context
+        (so a model can be instantiated on the meta device, e.g. to count parameters).
+        """
         master = value.detach().to("cpu")
         if master.is_floating_point():
             master = master.to(torch.float64)

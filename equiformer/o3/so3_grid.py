@@ -27,7 +27,7 @@ from e3nn import o3
 from torch import Tensor
 
 from .buffers import ExactConstants
-from .wigner import coefficient_index, truncated_coefficients
+from .wigner import coefficient_index, order_major_coefficients, truncated_coefficients
 
 __all__ = ["S2Grid", "grid_resolution", "s2_grid_points"]
 
@@ -50,42 +50,55 @@ def grid_resolution(lmax: int, mmax: int | None = None, resolution: int | tuple[
 
 
 def s2_grid_points(n_lat: int, n_lon: int) -> tuple[Tensor, Tensor]:
-    """Grid points [n_lat * n_lon, 3] (unit vectors, latitude-major) and weights [P] summing to 4 pi; float64."""
+    """Grid points [n_lat * n_lon, 3] (unit vectors, latitude-major) and weights [P] summing to 4 pi; float64 on CPU."""
     nodes, gl_weights = np.polynomial.legendre.leggauss(n_lat)  # nodes = cos(beta) in (-1, 1)
-    cos_b = torch.as_tensor(nodes, dtype=torch.float64)
+    cos_b = torch.as_tensor(nodes, dtype=torch.float64, device="cpu")
     sin_b = torch.sqrt((1.0 - cos_b) * (1.0 + cos_b))
-    alpha = torch.arange(n_lon, dtype=torch.float64) * (2.0 * math.pi / n_lon)
+    alpha = torch.arange(n_lon, dtype=torch.float64, device="cpu") * (2.0 * math.pi / n_lon)
     x = sin_b[:, None] * torch.sin(alpha)[None, :]
     y = cos_b[:, None].expand(n_lat, n_lon)
     z = sin_b[:, None] * torch.cos(alpha)[None, :]
     points = torch.stack([x, y, z], dim=-1).reshape(-1, 3)
-    weights = torch.as_tensor(gl_weights, dtype=torch.float64)[:, None].expand(n_lat, n_lon) * (2.0 * math.pi / n_lon)
+    weights = torch.as_tensor(gl_weights, dtype=torch.float64, device="cpu")[:, None].expand(n_lat, n_lon) * (2.0 * math.pi / n_lon)
     return points, weights.reshape(-1)
 
 
 class S2Grid(ExactConstants):
     """Projection matrices between truncated SH coefficients and a grid on the sphere.
 
-    Coefficients are in the layout of :func:`equiformer.o3.wigner.truncated_coefficients` (degree-major,
-    ``|m| <= mmax``; the full ``(lmax+1)^2`` layout when ``mmax = lmax``).
+    Coefficients ``l <= lmax``, ``|m| <= mmax`` in one of two layouts (:mod:`equiformer.o3.wigner`):
+    ``"degree"``, :func:`truncated_coefficients` (the full ``(lmax+1)^2`` node layout when ``mmax = lmax``),
+    or ``"order"``, :func:`order_major_coefficients` (the edge-frame layout of the SO(2) convolutions).
 
     Args:
         lmax: highest degree.
         mmax: highest order kept (default ``lmax``).
         resolution: ``n`` (an ``n x n`` grid), ``(n_lat, n_lon)``, or None for ``2 (lmax + 1)`` each.
+        layout: ``"degree"`` or ``"order"``.
 
     Attributes:
         to_grid_mat: [P, n] buffer; from_grid_mat: [n, P] buffer; P = n_lat * n_lon.
     """
 
-    def __init__(self, lmax: int, mmax: int | None = None, resolution: int | tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        lmax: int,
+        mmax: int | None = None,
+        resolution: int | tuple[int, int] | None = None,
+        layout: str = "degree",
+    ) -> None:
         super().__init__()
+        if layout not in ("degree", "order"):
+            raise ValueError(f"unknown coefficient layout {layout!r}; choose 'degree' or 'order'")
+        self.layout = layout
         self.lmax = int(lmax)
         self.mmax = self.lmax if mmax is None else min(int(mmax), self.lmax)
         self.n_lat, self.n_lon = grid_resolution(self.lmax, self.mmax, resolution)
-        points, weights = s2_grid_points(self.n_lat, self.n_lon)
-        sh = o3.spherical_harmonics(list(range(self.lmax + 1)), points, normalize=False, normalization="component")
-        index = [coefficient_index(l, m) for l, m in truncated_coefficients(self.lmax, self.mmax)]
+        with torch.device("cpu"):  # constants live on the CPU, also under a meta-device context
+            points, weights = s2_grid_points(self.n_lat, self.n_lon)
+            sh = o3.spherical_harmonics(list(range(self.lmax + 1)), points, normalize=False, normalization="component")
+        coefficients = (truncated_coefficients if layout == "degree" else order_major_coefficients)(self.lmax, self.mmax)
+        index = [coefficient_index(l, m) for l, m in coefficients]
         sh = sh[:, index]  # [P, n]
         self.num_coefficients = len(index)
         self.num_points = points.shape[0]
@@ -101,4 +114,4 @@ class S2Grid(ExactConstants):
         return torch.einsum("np,...pc->...nc", self.from_grid_mat, g)
 
     def extra_repr(self) -> str:
-        return f"lmax={self.lmax}, mmax={self.mmax}, grid={self.n_lat}x{self.n_lon}"
+        return f"lmax={self.lmax}, mmax={self.mmax}, grid={self.n_lat}x{self.n_lon}, layout={self.layout!r}"

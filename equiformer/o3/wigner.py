@@ -46,6 +46,7 @@ __all__ = [
     "WignerD",
     "coefficient_index",
     "edge_rotation_matrix",
+    "order_major_coefficients",
     "truncated_coefficients",
     "wigner_D_from_matrix",
 ]
@@ -88,6 +89,21 @@ SEAM_ROTATION = _axis_angle((0.5403023058681398, 0.8414709848078965, 1.414213562
 SEAM_NORMAL = SEAM_ROTATION[1]
 
 
+def order_major_coefficients(lmax: int, mmax: int) -> list[tuple[int, int]]:
+    """The same ``(l, m)`` pairs as :func:`truncated_coefficients`, grouped by order (the edge-frame layout).
+
+    ``(l, 0)`` for ``l = 0..lmax``; then for each ``m = 1..mmax``: ``(l, +m)`` for ``l = m..lmax``, followed
+    by ``(l, -m)`` for ``l = m..lmax``. Each order is then a contiguous block, as SO(2) convolutions need.
+    """
+    if lmax < 0 or mmax < 0:
+        raise ValueError(f"lmax and mmax must be >= 0, got lmax={lmax}, mmax={mmax}")
+    out = [(l, 0) for l in range(lmax + 1)]
+    for m in range(1, min(mmax, lmax) + 1):
+        out += [(l, m) for l in range(m, lmax + 1)]
+        out += [(l, -m) for l in range(m, lmax + 1)]
+    return out
+
+
 def edge_rotation_matrix(edge_vec: Tensor) -> Tensor:
     """Rotations ``R`` [E, 3, 3] with ``R @ (r / |r|) = (0, 1, 0)`` for each edge vector ``r`` [E, 3].
 
@@ -121,7 +137,8 @@ def edge_rotation_matrix(edge_vec: Tensor) -> Tensor:
 
 def _cg_isometry(l: int, dtype: torch.dtype = torch.float64) -> Tensor:
     """``C_l`` [2l-1, 3, 2l+1] with ``C^T C = I``: e3nn's ``wigner_3j(l-1, 1, l) * sqrt(2l+1)``."""
-    return o3.wigner_3j(l - 1, 1, l, dtype=torch.float64).mul(math.sqrt(2 * l + 1)).to(dtype)
+    with torch.device("cpu"):  # constants live on the CPU, also under a meta-device context
+        return o3.wigner_3j(l - 1, 1, l, dtype=torch.float64).mul(math.sqrt(2 * l + 1)).to(dtype)
 
 
 def _recursion_step(D_prev: Tensor, R: Tensor, C: Tensor) -> Tensor:
