@@ -204,6 +204,10 @@ def entry_record(kind: str, payload: Any, src: str) -> Record:
     raise ValueError(f"unknown structure kind {kind!r}")
 
 
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # one process per core; no nested thread pools
+
+
 def _process_one(args: tuple[int, str, str, Any, str]) -> tuple[int, Any]:
     """``(index, (z, pos, cell))`` or ``(index, reason)`` for one entry (picklable worker)."""
     index, src, kind, payload, where = args
@@ -262,11 +266,14 @@ def process_entries(
     results: dict[int, Any] = {}
     bar = tqdm(total=len(jobs), desc=f"{source}: processing structures", unit="struct", disable=not progress,
                mininterval=0.5)
-    if processes > 1 and len(jobs) > 256:
+    if processes > 1 and len(jobs) >= 4 * processes:
         import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(processes) as pool:
-            for index, res in pool.imap_unordered(_process_one, jobs, chunksize=64):
+        # fork where available (as torch's DataLoader): works from scripts without a __main__ guard
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        with mp.get_context(method).Pool(processes, initializer=_worker_init) as pool:
+            chunk = max(1, min(64, len(jobs) // (4 * processes)))
+            for index, res in pool.imap_unordered(_process_one, jobs, chunksize=chunk):
                 results[index] = res
                 bar.update(1)
     else:

@@ -60,6 +60,7 @@ from typing import Any
 import torch
 
 from equiformer.datasets.crystals import (
+    SHARED_DATA_ENV,
     CrystalDataset,
     CrystalEntry,
     default_data_dir,
@@ -323,7 +324,10 @@ class MaterialsProject(CrystalDataset):
     # -- hooks ----------------------------------------------------------------------------------
     def source_files(self) -> list[Path]:
         if not self.structures_path.exists():
-            hint = f"; download it with download_megnet_mp2018() ({MEGNET_MP2018_URL})" if self.structures == "json" else ""
+            if self.structures == "json":
+                hint = f"; download it with download_megnet_mp2018() ({MEGNET_MP2018_URL})"
+            else:
+                hint = f" (the shared data folder: pass data_dir= or set {SHARED_DATA_ENV})"
             raise FileNotFoundError(f"{self.NAME}: structure file {self.structures_path} not found{hint}")
         return [self.structures_path]
 

@@ -95,6 +95,14 @@ def test_cache_hit(root, folder):
     assert torch.equal(again.pos64, folder.pos64) and again.ids == folder.ids
 
 
+def test_parallel_processing_is_identical(tmp_path, folder):
+    par = JarvisDFT3D(SAMPLE, root=tmp_path, id_prop_label="optb88vdw_bandgap", split=None, dtype=torch.float64,
+                      progress=False, processes=2)
+    assert not par.cache_hit and par.ids == folder.ids
+    assert torch.equal(par.pos64, folder.pos64) and torch.equal(par.cell64, folder.cell64)
+    assert torch.equal(par.z, folder.z) and torch.equal(par.y_table, folder.y_table)
+
+
 def test_leaderboard_split(root, id_prop):
     raw = raw_leaderboard("optb88vdw_bandgap")
     ds = JarvisDFT3D(SAMPLE, root=root, id_prop_label="optb88vdw_bandgap",
