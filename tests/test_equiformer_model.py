@@ -111,6 +111,14 @@ def test_config_round_trip_rebuilds_the_same_model(molecules):
     assert build_model("equiformer_small").config["irreps_node"] == PRESETS["small"]["irreps_node"]
 
 
+def test_e3nn_reference_backend_gives_the_same_model(molecules):
+    model = small_model("small_e3")
+    reference = build_model("equiformer", **{**model.config, "tp_backend": "e3nn"}).double().eval()
+    reference.load_state_dict(model.state_dict(), strict=True)
+    batch = Batch.from_data_list(molecules[:3])
+    torch.testing.assert_close(model(batch)["y"], reference(batch)["y"], rtol=1e-12, atol=0)
+
+
 # ---------------------------------------------------------------------------------- symmetries
 
 

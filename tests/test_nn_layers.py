@@ -276,10 +276,38 @@ def test_depthwise_tensor_product_equivariance_and_paths(shared):
         assert max_rel(rotated, expected) < 1e-12
 
 
-def test_double_cast_restores_exact_clebsch_gordan():
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize(
+    "irreps,irreps_sh",
+    [(IRREPS_E3, SH_E3), (IRREPS_SE3, SH_SE3), (o3.Irreps("4x0e+2x1o+2x2e+1x3o"), spherical_harmonics_irreps(3, True))],
+    ids=["E3", "SE3", "lmax3"],
+)
+def test_fused_tensor_product_matches_e3nn_reference(irreps, irreps_sh, shared):
+    """The default fused kernels equal e3nn's TensorProduct: outputs and all gradients, same state dict."""
+    fused = DepthwiseTensorProduct(irreps, irreps_sh, irreps, shared_weights=shared, backend="fused")
+    reference = DepthwiseTensorProduct(irreps, irreps_sh, irreps, shared_weights=shared, backend="e3nn")
+    assert set(fused.state_dict()) == set(reference.state_dict())
+    reference.load_state_dict(fused.state_dict())
+    assert fused.irreps_out == reference.irreps_out and fused.weight_numel == reference.weight_numel
+    x = irreps.randn(9, -1, requires_grad=True)
+    sh = irreps_sh.randn(9, -1, requires_grad=True)
+    w = fused.weight if shared else torch.randn(9, fused.weight_numel, requires_grad=True)
+    out_f = fused(x, sh, None if shared else w)
+    out_r = reference(x, sh, None if shared else w)
+    torch.testing.assert_close(out_f, out_r, rtol=0, atol=1e-13)
+    cotangent = torch.randn_like(out_f)
+    w_ref = reference.weight if shared else w
+    grads_f = torch.autograd.grad((out_f * cotangent).sum(), [x, sh, w])
+    grads_r = torch.autograd.grad((out_r * cotangent).sum(), [x, sh, w_ref])
+    for g_f, g_r in zip(grads_f, grads_r):
+        torch.testing.assert_close(g_f, g_r, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["fused", "e3nn"])
+def test_double_cast_restores_exact_clebsch_gordan(backend):
     """A layer built in float32 then cast to float64 must be equivariant to float64 precision."""
     torch.set_default_dtype(torch.float32)
-    dtp = RadialTensorProduct("4x0e+2x1o+2x2e", SH_E3, "4x0e+2x1o+2x2e", [6, 8])
+    dtp = RadialTensorProduct("4x0e+2x1o+2x2e", SH_E3, "4x0e+2x1o+2x2e", [6, 8], backend=backend)
     torch.set_default_dtype(F64)
     dtp = dtp.double()
     pos, edge_index = random_graph()

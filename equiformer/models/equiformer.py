@@ -100,7 +100,7 @@ class EquiformerBlock(nn.Module):
         irreps_node: canonical node irreps (input).
         irreps_sh: edge harmonic irreps.
         irreps_head, num_heads, radial_channels, attention, nonlinear_message, alpha_drop,
-        irreps_pre_attn, negative_slope: see :class:`equiformer.nn.EquivariantGraphAttention`.
+        irreps_pre_attn, negative_slope, tp_backend: see :class:`equiformer.nn.EquivariantGraphAttention`.
         irreps_mlp_mid: irreps inside the feed-forward network.
         irreps_out: output irreps (default ``irreps_node``); a linear shortcut maps the residual.
     """
@@ -119,6 +119,7 @@ class EquiformerBlock(nn.Module):
         alpha_drop: float = 0.0,
         irreps_pre_attn: str | o3.Irreps | None = None,
         negative_slope: float = 0.2,
+        tp_backend: str = "fused",
     ) -> None:
         super().__init__()
         self.irreps_node = check_canonical(irreps_node, "irreps_node")
@@ -135,6 +136,7 @@ class EquiformerBlock(nn.Module):
             nonlinear_message=nonlinear_message,
             alpha_drop=alpha_drop,
             negative_slope=negative_slope,
+            tp_backend=tp_backend,
         )
         self.norm_ffn = EquivariantLayerNorm(self.irreps_node)
         self.ffn = EquivariantFeedForward(self.irreps_node, irreps_mlp_mid, self.irreps_out)
@@ -188,6 +190,8 @@ class Equiformer(nn.Module):
         predict_forces: also return ``energy`` = y[:, 0] [B] and ``forces`` = -dE/dpos [N, 3].
         irreps_pre_attn: irreps of the merged message (default ``irreps_node``).
         negative_slope: of the smooth leaky ReLU in MLP attention.
+        tp_backend: depth-wise tensor products by ``"fused"`` kernels (default) or ``"e3nn"`` (the
+            reference); same parameters and results, so a checkpoint loads into either.
     """
 
     def __init__(
@@ -220,6 +224,7 @@ class Equiformer(nn.Module):
         predict_forces: bool = False,
         irreps_pre_attn: str | None = None,
         negative_slope: float = 0.2,
+        tp_backend: str = "fused",
     ) -> None:
         super().__init__()
         if preset not in PRESETS:
@@ -254,7 +259,7 @@ class Equiformer(nn.Module):
         self.envelope = PolynomialEnvelope(self.cutoff, envelope_exponent) if envelope else None
         self.atom_embedding = AtomEmbedding(irreps_node, num_atom_types)
         self.edge_degree_embedding = EdgeDegreeEmbedding(
-            irreps_node, self.irreps_sh, radial_channels, float(cfg["avg_degree"])
+            irreps_node, self.irreps_sh, radial_channels, float(cfg["avg_degree"]), tp_backend
         )
         self.blocks = nn.ModuleList(
             EquiformerBlock(
@@ -270,6 +275,7 @@ class Equiformer(nn.Module):
                 alpha_drop=float(cfg["alpha_drop"]),
                 irreps_pre_attn=irreps_pre_attn,
                 negative_slope=negative_slope,
+                tp_backend=tp_backend,
             )
             for i in range(int(cfg["num_layers"]))
         )

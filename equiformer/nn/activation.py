@@ -41,12 +41,11 @@ class Gate(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., irreps_in.dim] -> [..., irreps_out.dim]."""
-        scalars = torch.nn.functional.silu(x[..., : self.num_scalars])
         if self.num_gates == 0:
-            return scalars
-        gates = torch.sigmoid(x[..., self.num_scalars : self.num_scalars + self.num_gates])
-        gated = x[..., self.num_scalars + self.num_gates :] * gates.index_select(-1, self.gate_index)
-        return torch.cat([scalars, gated], dim=-1)
+            return torch.nn.functional.silu(x)
+        scalars, gates, gated = x.split([self.num_scalars, self.num_gates, x.shape[-1] - self.num_scalars - self.num_gates], -1)
+        gated = gated * torch.sigmoid(gates).index_select(-1, self.gate_index)
+        return torch.cat([torch.nn.functional.silu(scalars), gated], dim=-1)
 
     def extra_repr(self) -> str:
         return f"irreps_in={self.irreps_in}, irreps_out={self.irreps_out}"

@@ -50,6 +50,7 @@ class EquivariantGraphAttention(nn.Module):
         nonlinear_message: gate + second depth-wise TP on the values (the paper's default).
         alpha_drop: dropout on the attention weights during training.
         negative_slope: of the smooth leaky ReLU in MLP attention.
+        tp_backend: ``"fused"`` or ``"e3nn"`` (see :class:`DepthwiseTensorProduct`).
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class EquivariantGraphAttention(nn.Module):
         nonlinear_message: bool = True,
         alpha_drop: float = 0.0,
         negative_slope: float = 0.2,
+        tp_backend: str = "fused",
     ) -> None:
         super().__init__()
         if attention not in ATTENTION_TYPES:
@@ -81,7 +83,7 @@ class EquivariantGraphAttention(nn.Module):
 
         self.merge_src = EquivariantLinear(self.irreps_node, irreps_pre, bias=True)
         self.merge_dst = EquivariantLinear(self.irreps_node, irreps_pre, bias=False)
-        self.edge_tp = RadialTensorProduct(irreps_pre, self.irreps_sh, irreps_pre, radial_channels)
+        self.edge_tp = RadialTensorProduct(irreps_pre, self.irreps_sh, irreps_pre, radial_channels, tp_backend)
         irreps_mid = self.edge_tp.irreps_out
 
         if attention == "mlp":
@@ -102,7 +104,9 @@ class EquivariantGraphAttention(nn.Module):
         if self.nonlinear_message:
             self.value_gate = Gate(irreps_pre)
             self.value_lin1 = EquivariantLinear(irreps_mid, self.value_gate.irreps_in)
-            self.value_tp = DepthwiseTensorProduct(irreps_pre, self.irreps_sh, self.irreps_value, shared_weights=True)
+            self.value_tp = DepthwiseTensorProduct(
+                irreps_pre, self.irreps_sh, self.irreps_value, shared_weights=True, backend=tp_backend
+            )
             self.value_lin2 = EquivariantLinear(self.value_tp.irreps_out, self.irreps_value)
         else:
             self.value_lin = EquivariantLinear(irreps_mid, self.irreps_value)

@@ -33,6 +33,7 @@ class AtomEmbedding(nn.Module):
         if self.num_scalars == 0:
             raise ValueError(f"AtomEmbedding: {self.irreps_out} has no 0e channels to embed atom types in")
         self.num_atom_types = int(num_atom_types)
+        self.num_rest = self.irreps_out.dim - self.num_scalars
         self.embedding = nn.Embedding(self.num_atom_types, self.num_scalars)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -43,7 +44,7 @@ class AtomEmbedding(nn.Module):
                 f"{int(z.min())}..{int(z.max())}"
             )
         scalars = self.embedding(z)
-        rest = scalars.new_zeros(z.shape[0], self.irreps_out.dim - self.num_scalars)
+        rest = scalars.new_zeros(z.shape[0], self.num_rest)
         return torch.cat([scalars, rest], dim=1)
 
 
@@ -60,6 +61,7 @@ class EdgeDegreeEmbedding(nn.Module):
         irreps_sh: irreps of the edge harmonics.
         radial_channels: ``[num_basis, hidden...]`` of the radial MLP.
         avg_degree: average number of incoming edges, normalises the sum.
+        tp_backend: ``"fused"`` or ``"e3nn"`` (see :class:`DepthwiseTensorProduct`).
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class EdgeDegreeEmbedding(nn.Module):
         irreps_sh: str | o3.Irreps,
         radial_channels: list[int],
         avg_degree: float,
+        tp_backend: str = "fused",
     ) -> None:
         super().__init__()
         self.irreps_node = check_canonical(irreps_node, "EdgeDegreeEmbedding irreps_node")
@@ -75,7 +78,7 @@ class EdgeDegreeEmbedding(nn.Module):
         if num_scalars == 0:
             raise ValueError(f"EdgeDegreeEmbedding: {self.irreps_node} has no 0e channels")
         self.constant = nn.Parameter(torch.randn(num_scalars))
-        self.tp = RadialTensorProduct(f"{num_scalars}x0e", irreps_sh, self.irreps_node, radial_channels)
+        self.tp = RadialTensorProduct(f"{num_scalars}x0e", irreps_sh, self.irreps_node, radial_channels, tp_backend)
         self.proj = EquivariantLinear(self.tp.irreps_out, self.irreps_node)
         self.avg_degree = float(avg_degree)
 
