@@ -19,6 +19,12 @@ from torch_geometric.data import Batch, Data
 from equiformer.data.contract import atomic_number, make_data
 from equiformer.models import MODEL_REGISTRY, build_model
 from equiformer.models.equiformer import PRESETS, Equiformer
+from equiformer.testing import (
+    assert_equivariant,
+    assert_forces_are_gradients,
+    assert_periodic_invariant,
+    assert_smooth_at_cutoff,
+)
 
 F64 = torch.float64
 
@@ -124,23 +130,32 @@ def test_e3nn_reference_backend_gives_the_same_model(molecules):
 
 @pytest.mark.parametrize("attention", ["mlp", "dot_product"])
 def test_e3_model_invariant_under_rotation_reflection_translation_permutation(molecules, attention):
-    model = small_model("small_e3", attention=attention, nonlinear_message=attention == "mlp")
-    ref = model(Batch.from_data_list(molecules))["y"]
-    assert ref.shape == (6, 1) and torch.isfinite(ref).all()
+    model = small_model("small_e3", attention=attention, nonlinear_message=attention == "mlp", predict_forces=True)
+    batch = Batch.from_data_list(molecules)
+    # y and energy invariant, forces rotate as 1o; float64 tolerance 1e-10 (+ 1e-10 relative)
+    assert_equivariant(model, batch, parity=True)
+    # the same check written out: rotation + reflection + translation + per-molecule permutation
+    ref = model(batch)["y"]
     shift = torch.tensor([2.0, -1.0, 0.5], dtype=F64)
-    for seed, proper in [(1, True), (2, False)]:
-        y = model(transformed(molecules, random_o3(seed, proper), shift, seed))["y"]
-        assert rel_err(y, ref) < 1e-10, (seed, proper)
+    y = model(transformed(molecules, random_o3(2, proper=False), shift, seed=2))["y"]
+    assert rel_err(y, ref) < 1e-10
 
 
 def test_se3_model_invariant_under_rotation_but_sees_chirality(molecules):
     model = small_model("small")  # the paper's SE(3) irreps, harmonics 1x0e+1x1e+1x2e
-    ref = model(Batch.from_data_list(molecules))["y"]
-    shift = torch.tensor([-3.0, 0.2, 1.0], dtype=F64)
-    assert rel_err(model(transformed(molecules, random_o3(3, True), shift, 3))["y"], ref) < 1e-10
+    batch = Batch.from_data_list(molecules)
+    assert_equivariant(model, batch, parity="SE(3)")
     # a mirror image is another molecule to an SE(3) model (enantiomers differ)
-    mirrored = model(transformed(molecules, torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=F64)), shift))["y"]
-    assert rel_err(mirrored, ref) > 1e-9
+    ref = model(batch)["y"]
+    mirror = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=F64))
+    assert rel_err(model(transformed(molecules, mirror, torch.zeros(3, dtype=F64)))["y"], ref) > 1e-9
+
+
+def test_float32_build_cast_to_float64_is_exactly_equivariant(molecules):
+    """e3nn derives Clebsch-Gordan tables in the default dtype: casting must restore float64 ones."""
+    torch.manual_seed(0)
+    model = build_model("equiformer", preset="small_e3", num_layers=2)  # float32
+    assert_equivariant(model, Batch.from_data_list(molecules[:3]), dtype=F64, permutation=False)
 
 
 def test_float32_agrees_with_float64(molecules):
@@ -152,6 +167,7 @@ def test_float32_agrees_with_float64(molecules):
     y32 = model32(batch32)["y"]
     assert y32.dtype == torch.float32
     assert rel_err(y32.double(), model64(batch64)["y"]) < 1e-4
+    assert_equivariant(model32, batch32, parity=True)  # float32 tolerance 1e-5
 
 
 # ---------------------------------------------------------------------------------------- forces
@@ -164,20 +180,7 @@ def test_forces_are_minus_energy_gradient(molecules):
     assert out["energy"].shape == (1,) and out["forces"].shape == (mol.num_nodes, 3)
     torch.testing.assert_close(out["energy"], out["y"][:, 0])
     assert float(out["forces"].sum(0).abs().max()) < 1e-12  # translation invariance: no net force
-    h = 1e-5
-    for atom, axis in [(0, 0), (3, 1), (mol.num_nodes - 1, 2)]:
-        energies = []
-        for sign in (1, -1):
-            moved = copy.copy(mol)
-            moved.pos = mol.pos.clone()
-            moved.pos[atom, axis] += sign * h
-            energies.append(float(model(moved)["energy"]))
-        numeric = -(energies[0] - energies[1]) / (2 * h)
-        assert abs(numeric - float(out["forces"][atom, axis])) < 1e-8 + 1e-6 * float(out["forces"].abs().max())
-    # forces rotate with the molecule (vectors, 1o), also under reflection
-    R = random_o3(5, proper=False)
-    rotated = make_data(mol.z, mol.pos @ R.T, dtype=F64)
-    torch.testing.assert_close(model(rotated)["forces"], out["forces"] @ R.T, rtol=0, atol=1e-10)
+    assert_forces_are_gradients(model, Batch.from_data_list(molecules[:2]), n_atoms_checked=4)
     assert not mol.pos.requires_grad  # the caller's data is untouched
 
 
@@ -199,45 +202,44 @@ def test_training_forces_carry_a_graph_and_every_parameter_learns(molecules):
 
 def test_energy_and_forces_smooth_when_an_atom_crosses_the_cutoff():
     """Atom 2 leaves atom 0's cutoff (5 Å) but keeps a neighbour (atom 1, 3.8 Å away)."""
+    pos = torch.tensor([[0.0, 0, 0], [1.2, 0, 0], [4.0, 0.1, 0]], dtype=F64)
+    mol = make_data(torch.tensor([6, 8, 1]), pos, dtype=F64)
+    smooth = small_model("small_e3", predict_forces=True)
+    assert_smooth_at_cutoff(smooth, mol, cutoff=5.0, pair=(0, 2))
+    # written out: across the cutoff E changes by the force times the step, forces do not jump
+    h = 1e-6
+    cutoff = (5.0**2 - 0.1**2) ** 0.5  # x at which |r_02| = 5 Å
 
-    def run(model, d):
-        pos = torch.tensor([[0.0, 0, 0], [1.2, 0, 0], [d, 0.1, 0]], dtype=F64)
-        mol = make_data(torch.tensor([6, 8, 1]), pos, dtype=F64)
-        out = model(mol)
+    def run(model, x):
+        moved = copy.copy(mol)
+        moved.pos = pos.clone()
+        moved.pos[2, 0] = x
+        out = model(moved)
         return float(out["energy"]), out["forces"]
 
-    h = 1e-6
-    cutoff = (5.0**2 - 0.1**2) ** 0.5
-    smooth = small_model("small_e3", predict_forces=True)
     (e0, f0), (e1, f1) = run(smooth, cutoff - h), run(smooth, cutoff + h)
-    slope = float(f0[2, 0])
-    assert abs((e1 - e0) + slope * 2 * h) < 1e-9  # E changes only by the force times the step
+    assert abs((e1 - e0) + float(f0[2, 0]) * 2 * h) < 1e-9
     assert float((f1 - f0).abs().max()) < 1e-6
     hard = small_model("small_e3", predict_forces=True, envelope=None)  # the paper's hard cutoff jumps
     (e0, _), (e1, _) = run(hard, cutoff - h), run(hard, cutoff + h)
     assert abs(e1 - e0) > 1e-4
+    with pytest.raises(AssertionError):
+        assert_smooth_at_cutoff(hard, mol, cutoff=5.0, pair=(0, 2))
 
 
 # ------------------------------------------------------------------------------------- crystals
 
 
-def test_periodic_crystal_supercell_and_wrapping():
-    """Silicon (diamond): a 2x1x1 supercell doubles the sum readout; wrapping atoms changes nothing."""
+def test_periodic_crystal_invariances():
+    """Silicon: supercells, other unit cells, wrapped atoms and translations give the same crystal."""
     from ase.build import bulk
 
-    def crystal(atoms) -> Data:
-        return make_data(atoms.numbers, atoms.positions, cell=atoms.cell.array, pbc=atoms.pbc, dtype=F64)
-
-    model = small_model("small_e3", num_targets=2)
     unit = bulk("Si", "diamond", a=5.43)
-    y = model(crystal(unit))["y"]
-    y2 = model(crystal(unit.repeat((2, 1, 1))))["y"]
-    assert rel_err(y2, 2 * y) < 1e-10
-    moved = unit.copy()
-    moved.positions[1] += unit.cell.array[0] - 2 * unit.cell.array[2]
-    assert rel_err(model(crystal(moved))["y"], y) < 1e-10
-    mean_model = small_model("small_e3", readout="mean")
-    assert rel_err(mean_model(crystal(unit.repeat((1, 2, 1))))["y"], mean_model(crystal(unit))["y"]) < 1e-10
+    crystal = make_data(unit.numbers, unit.positions, cell=unit.cell.array, pbc=unit.pbc, dtype=F64)
+    summed = small_model("small_e3", num_targets=2)  # sum readout: extensive
+    assert_periodic_invariant(summed, crystal, extensive=["y"], supercells=[(2, 1, 1)])
+    mean = small_model("small_e3", readout="mean")  # mean readout: intensive
+    assert_periodic_invariant(mean, crystal, intensive=["y"], supercells=[(1, 2, 1)], checks=("supercell", "wrap"))
 
 
 # ------------------------------------------------------------------------------------ bad inputs
