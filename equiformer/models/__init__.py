@@ -19,6 +19,7 @@ MODEL_REGISTRY: dict[str, tuple[str | Callable[..., nn.Module], dict[str, Any]]]
     "equiformer": ("equiformer.models.equiformer:Equiformer", {}),
     "equiformer_small": ("equiformer.models.equiformer:Equiformer", {"preset": "small"}),
     "equiformer_e3": ("equiformer.models.equiformer:Equiformer", {"preset": "qm9_e3"}),
+    "equiformer_v2": ("equiformer.models.equiformer_v2:EquiformerV2", {}),
 }
 
 
