@@ -36,7 +36,10 @@ Deliberate differences from fairchem-core's implementation (which this code does
 * ``envelope="polynomial"`` (default) softly masks the attention softmax and the edge-degree sum so an
   atom crossing the cutoff enters smoothly (``envelope=None``: the paper's hard cutoff);
 * the radial basis is the package's Gaussian basis (:mod:`equiformer.nn.radial`; learnable centres
-  and widths) instead of fixed evenly spaced Gaussians; the S2 grid uses Gauss-Legendre latitudes;
+  and widths) instead of fixed evenly spaced Gaussians;
+* the S2 grid uses Gauss-Legendre latitudes and exact projections (``from_grid(to_grid(c)) = c``);
+  fairchem also scales the ``l > mmax`` columns of both grid matrices by ``sqrt((2l+1)/(2 mmax+1))``,
+  which is not done here (the same factor on the rotation back to the node frame is kept);
 * ``max_neighbors`` keeps, by default, every neighbour tied (within ``max_neighbors_tolerance`` Å) with
   the k-th nearest, so symmetric shells are never split and equivariance survives the cap (fairchem
   issue #1068); ``max_neighbors_strict=True`` keeps exactly k (ties by edge order, not equivariant).
@@ -128,10 +131,8 @@ _SMALL: dict[str, Any] = {
 #: named architectures (the paper's OC20 S2EF models + a CPU-sized one); explicit arguments override
 PRESETS: dict[str, dict[str, Any]] = {"31M": _OC20_31M, "83M": _OC20_83M, "153M": _OC20_153M, "small": _SMALL}
 
-_DEFAULTS: dict[str, Any] = {
-    **_OC20_31M,
-    "max_neighbors": None,
-}
+#: without a preset: the 31M architecture on fairchem's class-default graph (5 Å, no neighbour cap)
+_DEFAULTS: dict[str, Any] = {**_OC20_31M, "cutoff": 5.0, "max_neighbors": None}
 
 
 def limit_neighbors(edge_index: Tensor, dist: Tensor, num_nodes: int, k: int, tolerance: float = 0.01) -> Tensor:
@@ -231,7 +232,8 @@ class EquiformerV2(nn.Module):
 
     Every argument is JSON-serialisable and stored in ``self.config``;
     ``EquiformerV2(**model.config)`` rebuilds the same architecture. Arguments left ``None`` come from
-    ``preset`` (or, without a preset, from the 31M model with no neighbour cap).
+    ``preset`` (without a preset: the 31M architecture with a 5 Å cutoff and no neighbour cap; the OC20
+    presets use the paper's 12 Å cutoff with at most 20 neighbours).
 
     Args:
         preset: ``"31M"`` (OC20 S2EF All+MD: 8 blocks, lmax 4, mmax 2), ``"83M"`` (S2EF-2M: 12 blocks,
