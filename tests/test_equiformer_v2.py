@@ -23,6 +23,7 @@ from torch_geometric.data import Batch, Data
 from equiformer.data import from_ase
 from equiformer.data.contract import atomic_number, make_data
 from equiformer.graph import build_edges
+from equiformer.models import build_model
 from equiformer.models.equiformer_v2 import PRESETS, EquiformerV2, limit_neighbors
 from equiformer.nn.eqv2_layers import SeparableLayerNorm, SeparableS2Activation
 from equiformer.nn.so2 import EdgeRotation, SO2Convolution
@@ -384,7 +385,8 @@ def test_float32_agrees_with_float64(slab):
 def test_config_round_trip_and_training_mode(slab):
     model = make_model("s2", num_targets=2, drop_path_rate=0.5, alpha_drop=0.3)
     config = json.loads(json.dumps(model.config))
-    clone = EquiformerV2(**config).double().eval()
+    clone = build_model("equiformer_v2", **config).double().eval()
+    assert isinstance(clone, EquiformerV2)
     clone.load_state_dict(model.state_dict(), strict=True)
     ref = model(slab)
     assert all(torch.equal(ref[k], clone(slab)[k]) for k in ref)
