@@ -13,7 +13,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from e3nn import o3
 from torch_geometric.data import Batch, Data
 
 from equiformer.data.contract import atomic_number, make_data
@@ -24,6 +23,7 @@ from equiformer.testing import (
     assert_forces_are_gradients,
     assert_periodic_invariant,
     assert_smooth_at_cutoff,
+    random_reflection,
 )
 
 F64 = torch.float64
@@ -81,12 +81,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def random_o3(seed: int, proper: bool) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    R = o3.angles_to_matrix(*(torch.rand(3, generator=gen, dtype=F64) * 6.283185307179586))
-    return R if proper else -R
-
-
 # ------------------------------------------------------------------------------- the paper's model
 
 
@@ -137,7 +131,8 @@ def test_e3_model_invariant_under_rotation_reflection_translation_permutation(mo
     # the same check written out: rotation + reflection + translation + per-molecule permutation
     ref = model(batch)["y"]
     shift = torch.tensor([2.0, -1.0, 0.5], dtype=F64)
-    y = model(transformed(molecules, random_o3(2, proper=False), shift, seed=2))["y"]
+    reflection = random_reflection(dtype=F64, generator=torch.Generator().manual_seed(2))
+    y = model(transformed(molecules, reflection, shift, seed=2))["y"]
     assert rel_err(y, ref) < 1e-10
 
 

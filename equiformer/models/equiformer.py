@@ -229,8 +229,7 @@ class Equiformer(nn.Module):
         super().__init__()
         if preset not in PRESETS:
             raise ValueError(f"unknown Equiformer preset {preset!r}; choose one of {sorted(PRESETS)}")
-        given = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        cfg: dict[str, Any] = dict(given)
+        cfg: dict[str, Any] = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         for key, value in PRESETS[preset].items():
             if cfg.get(key) is None:
                 cfg[key] = value
