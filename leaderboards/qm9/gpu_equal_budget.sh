@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One GPU call: Equiformer (ours) and TorchMD-NET ET (peer) trained side by side on the same GPU
+# for the same wall-clock budget, then tested; run from the repository root on the GPU machine.
+#   BUDGET_S=360 OUT=results bash leaderboards/qm9/gpu_equal_budget.sh
+# Needs: the wheels in .whl/ (ase, jsonargparse, torchmd-net) and a processed QM9 file in .carry/qm9/
+# (python -c "from equiformer.datasets.qm9 import QM9, export_compact_qm9; export_compact_qm9(QM9(), '.carry/qm9/qm9_all_compact.safetensors')").
+set -u
+BUDGET_S=${BUDGET_S:-360}
+OUT=${OUT:-results}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# the source tree as an importable package without installing it: equiformer.datasets / .tasks
+[ -e equiformer/datasets ] || ln -s ../datasets equiformer/datasets
+[ -e equiformer/tasks ] || ln -s ../tasks equiformer/tasks
+mkdir -p /tmp/qm9 "$OUT" && cp .carry/qm9/*.safetensors /tmp/qm9/
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 leaderboards/qm9/equal_budget.py --model equiformer --budget-s "$BUDGET_S" --root /tmp/qm9 \
+  --num-workers 6 --out "$OUT" --ckpt-dir /tmp/ckpt/equiformer --export qm9-equiformer > "$OUT/equiformer.log" 2>&1 &
+python3 leaderboards/qm9/equal_budget.py --model torchmdnet_et --budget-s "$BUDGET_S" --root /tmp/qm9 \
+  --num-workers 6 --out "$OUT" --ckpt-dir /tmp/ckpt/torchmdnet_et > "$OUT/torchmdnet_et.log" 2>&1 &
+wait
+grep -h "probe\|training\|exported\|Error\|error" "$OUT"/*.log | grep -v Warning
