@@ -147,7 +147,8 @@ def _jarvis_record(d: Mapping[str, Any], src: str) -> Record:
         coords = np.asarray(d["coords"], dtype=np.float64).reshape(-1, 3)
         elements = list(d["elements"])
     except KeyError as exc:
-        raise StructureError(f"{src}: JARVIS atoms dict has no {exc.args[0]!r} (needs lattice_mat, coords, elements)") from None
+        raise StructureError(
+            f"{src}: JARVIS atoms dict has no {exc.args[0]!r} (needs lattice_mat, coords, elements)") from None
     except (TypeError, ValueError) as exc:
         raise StructureError(f"{src}: malformed JARVIS atoms dict ({exc})") from None
     if len(elements) != len(coords):
@@ -179,7 +180,8 @@ def entry_record(kind: str, payload: Any, src: str) -> Record:
         try:
             d = ast.literal_eval(payload) if isinstance(payload, str) else payload
         except (ValueError, SyntaxError) as exc:
-            raise StructureError(f"{src}: structure is not a Python dict literal ({type(exc).__name__}: {exc})") from None
+            raise StructureError(
+                f"{src}: structure is not a Python dict literal ({type(exc).__name__}: {exc})") from None
         return pymatgen_record(_pymatgen_structure(d, src), src)
     if kind == "pmg_dict":
         return pymatgen_record(_pymatgen_structure(payload, src), src)

@@ -53,7 +53,8 @@ MATBENCH_TASKS: dict[str, tuple[str, str, int]] = {
 }
 
 
-def matbench_fold_indices(n: int, fold: int, seed: int = MATBENCH_SEED, folds: int = MATBENCH_FOLDS) -> dict[str, Tensor]:
+def matbench_fold_indices(n: int, fold: int, seed: int = MATBENCH_SEED,
+                          folds: int = MATBENCH_FOLDS) -> dict[str, Tensor]:
     """``{"train": rows, "test": rows}`` (sorted LongTensors) of matbench fold ``fold`` of ``n`` rows."""
     if not 0 <= int(fold) < folds:
         raise ValueError(f"matbench fold must be in 0..{folds - 1}, got {fold}")
@@ -64,7 +65,8 @@ def matbench_fold_indices(n: int, fold: int, seed: int = MATBENCH_SEED, folds: i
     test = np.sort(perm[start : start + sizes[fold]])
     mask = np.ones(n, dtype=bool)
     mask[test] = False
-    return {"train": torch.from_numpy(np.flatnonzero(mask).astype(np.int64)), "test": torch.from_numpy(test.astype(np.int64))}
+    train = np.flatnonzero(mask).astype(np.int64)
+    return {"train": torch.from_numpy(train), "test": torch.from_numpy(test.astype(np.int64))}
 
 
 def read_matbench(path: str | os.PathLike[str]) -> tuple[list[str], str, list[Any], list[Any]]:

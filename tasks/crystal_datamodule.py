@@ -144,6 +144,8 @@ class CrystalDataModule(StructureDataModule):
             raise ValueError(f"dataset {dataset!r} needs source= (a file or folder; see CrystalDataModule's docs)")
         self.data_dir = data_dir
         self.split = split
+        #: the split protocol in use after setup ("random" when an official split was not available)
+        self.split_used = split
         self.split_file = split_file
         self.labels = labels
         self.split_seed = int(split_seed)
@@ -224,7 +226,8 @@ class CrystalDataModule(StructureDataModule):
             folder = None if self.source == "perov_5" else Path(self.source)  # type: ignore[arg-type]
             if folder is not None and not folder.is_dir():
                 raise ValueError(f"perovskites: source must be 'perov_5' (the shared data) or a folder, got {folder}")
-            splits = ("train", "val", "test") if folder is not None and any(folder.glob("*train*.csv*")) else ("val", "test")
+            has_train = folder is not None and any(folder.glob("*train*.csv*"))
+            splits = ("train", "val", "test") if has_train else ("val", "test")
             return Perovskites(data_dir=self.data_dir, folder=folder, splits=splits, **common)
         raise AssertionError(name)  # pragma: no cover
 
