@@ -337,6 +337,38 @@ def _select(names: list[str], trajectories: int | Sequence[str] | None, where: s
     return [by_stem[_traj_stem(t)] for t in trajectories]
 
 
+#: permutations tried by cover_elements before giving up
+_COVER_ATTEMPTS = 64
+
+
+def _greedy_cover_split(elements: list[set[int]], counts: Mapping[str, int],
+                        order: list[int]) -> tuple[dict[str, list[int]] | None, tuple[str, int, int]]:
+    """Fill the non-train splits in ``order`` with trajectories whose elements (and those of the ones
+    already held out) stay present among the unassigned rest; ``train`` gets that rest.
+
+    Returns ``(splits, _)`` or ``(None, (split name, wanted, found))`` when a split cannot be filled.
+    """
+    pool = list(order)
+    needed: set[int] = set()
+    out: dict[str, list[int]] = {name: [] for name in counts}
+    for name, count in counts.items():
+        if name == "train":
+            continue
+        for t in list(pool):
+            if len(out[name]) == count:
+                break
+            rest = [u for u in pool if u != t]
+            covered = set().union(*(elements[u] for u in rest)) if rest else set()
+            if (needed | elements[t]) <= covered:
+                out[name].append(t)
+                pool.remove(t)
+                needed |= elements[t]
+        if len(out[name]) < count:
+            return None, (name, count, len(out[name]))
+    out["train"] = pool
+    return out, ("", 0, 0)
+
+
 class OC20Trajectories(Dataset):
     """S2EF-style frames of OC20 relaxation trajectories (ASE ``.traj`` or extxyz).
 
@@ -547,22 +579,38 @@ class OC20Trajectories(Dataset):
         """Item indices (in this dataset) of the frames of trajectory ``traj``."""
         return torch.nonzero(self.frame_traj == int(traj)).view(-1)
 
-    def split(self, sizes: Mapping[str, SizeSpec] | None = None, seed: int = DEFAULT_SPLIT_SEED) -> dict[str, Tensor]:
+    def split(self, sizes: Mapping[str, SizeSpec] | None = None, seed: int = DEFAULT_SPLIT_SEED,
+              cover_elements: bool = False) -> dict[str, Tensor]:
         """Item indices per split, split **by trajectory**.
 
         Args:
             sizes: trajectories per split, as counts or fractions (``None`` = the rest),
                 default 80 % / 10 % / rest.
             seed: seed of the random permutation of trajectories.
+            cover_elements: draw the non-train splits only from trajectories whose elements all
+                occur in the training trajectories (an "in-domain" split like OC20's ``val_id``;
+                with few systems a plain random split often puts an element in validation that
+                training never saw, and no model can know its energy). ``"train"`` then takes
+                every trajectory left over. Greedy over the seeded permutation of trajectories (and,
+                if that cannot fill the splits, over up to 63 further permutations derived from the seed).
 
         Returns:
             ``{name: LongTensor of item indices}``; all frames of a trajectory are in one split.
         """
-        traj_split = self.trajectory_split(sizes, seed)
+        traj_split = self.trajectory_split(sizes, seed, cover_elements)
         return {name: torch.cat([self.trajectory_items(t) for t in ts.tolist()]) if len(ts) else torch.zeros(0, dtype=torch.long)
                 for name, ts in traj_split.items()}
 
-    def trajectory_split(self, sizes: Mapping[str, SizeSpec] | None = None, seed: int = DEFAULT_SPLIT_SEED) -> dict[str, Tensor]:
+    def trajectory_elements(self) -> list[set[int]]:
+        """Atomic numbers present in each trajectory (from its first frame)."""
+        out = []
+        for k in range(self.num_trajectories):
+            f = int(self.traj_frame_ptr[k])
+            out.append(set(self._z[self._atom_ptr_list[f] : self._atom_ptr_list[f + 1]].tolist()))
+        return out
+
+    def trajectory_split(self, sizes: Mapping[str, SizeSpec] | None = None, seed: int = DEFAULT_SPLIT_SEED,
+                         cover_elements: bool = False) -> dict[str, Tensor]:
         """``{name: LongTensor of trajectory indices}`` (see :meth:`split`)."""
         sizes = dict(TRAJECTORY_SPLIT_SIZES if sizes is None else sizes)
         n = self.num_trajectories
@@ -573,7 +621,20 @@ class OC20Trajectories(Dataset):
             over = sum(counts.values()) - n
             big = max(counts, key=lambda k: counts[k])
             counts[big] -= max(over, 0)
-        return random_split_indices(n, counts, seed)
+        if not cover_elements:
+            return random_split_indices(n, counts, seed)
+        if "train" not in counts:
+            raise ValueError(f"cover_elements needs a 'train' split, got {list(counts)}")
+        elements = self.trajectory_elements()
+        failed = ("", 0, 0)
+        for attempt in range(_COVER_ATTEMPTS):  # greedy per permutation; the first that succeeds wins
+            rng = np.random.default_rng(seed if attempt == 0 else [seed, attempt])
+            out, failed = _greedy_cover_split(elements, counts, rng.permutation(n).tolist())
+            if out is not None:
+                return {name: torch.tensor(v, dtype=torch.long) for name, v in out.items()}
+        name, count, found = failed
+        raise ValueError(f"cannot hold out {count} trajectories for {name!r} whose elements all occur in the training "
+                         f"trajectories (found {found}); use smaller splits or cover_elements=False")
 
     def energy_force_arrays(self, items: Tensor | Sequence[int] | None = None) -> dict[str, Tensor]:
         """Float64 labels of some items without building ``Data`` objects (for statistics).
@@ -644,9 +705,10 @@ class OC20RelaxationPairs(Dataset):
         data.pos_relaxed = fr._pos64[a:b].to(self.dtype)
         return data
 
-    def split(self, sizes: Mapping[str, SizeSpec] | None = None, seed: int = DEFAULT_SPLIT_SEED) -> dict[str, Tensor]:
+    def split(self, sizes: Mapping[str, SizeSpec] | None = None, seed: int = DEFAULT_SPLIT_SEED,
+              cover_elements: bool = False) -> dict[str, Tensor]:
         """Same trajectories per split as :meth:`OC20Trajectories.split` with the same arguments."""
-        return self.frames.trajectory_split(sizes, seed)
+        return self.frames.trajectory_split(sizes, seed, cover_elements)
 
     def __repr__(self) -> str:
         return f"OC20RelaxationPairs({len(self)} trajectories)"

@@ -35,6 +35,8 @@ class OC20TrajectoryDataModule(StructureDataModule):
         train_size, val_size: trajectories in train / val (counts, or fractions in (0, 1));
             the test split takes the rest.
         split_seed: seed of the trajectory permutation.
+        cover_elements: hold out only trajectories whose elements all occur in training
+            (see :meth:`OC20Trajectories.split`); the train split takes the rest.
         batch_size, eval_batch_size, num_workers, pin_memory, drop_last: see :class:`StructureDataModule`.
     """
 
@@ -48,6 +50,7 @@ class OC20TrajectoryDataModule(StructureDataModule):
         train_size: int | float = 0.8,
         val_size: int | float = 0.1,
         split_seed: int = DEFAULT_SPLIT_SEED,
+        cover_elements: bool = False,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -56,6 +59,7 @@ class OC20TrajectoryDataModule(StructureDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
                          pin_memory=pin_memory, drop_last=drop_last)
+        self.cover_elements = bool(cover_elements)
         self.root = root
         self.source = source
         self.trajectories = trajectories
@@ -79,13 +83,13 @@ class OC20TrajectoryDataModule(StructureDataModule):
 
     def build(self) -> tuple[Dataset, dict[str, Tensor]]:
         dataset = self._make_dataset()
-        return dataset, dataset.split(self.split_sizes(), self.split_seed)
+        return dataset, dataset.split(self.split_sizes(), self.split_seed, self.cover_elements)
 
     def trajectory_split(self) -> dict[str, list[str]]:
         """``{split: [trajectory names]}`` of this configuration."""
         ds = self.dataset
         assert isinstance(ds, OC20Trajectories)
-        return {k: [ds.names[i] for i in v.tolist()] for k, v in ds.trajectory_split(self.split_sizes(), self.split_seed).items()}
+        return {k: [ds.names[i] for i in v.tolist()] for k, v in ds.trajectory_split(self.split_sizes(), self.split_seed, self.cover_elements).items()}
 
 
 class OC20LMDBDataModule(StructureDataModule):

@@ -455,6 +455,7 @@ def test_oc20_trajectory_config_runs(cache_root, tmp_path):
                           "--data.init_args.source", str(_need(TARBALL)), "--data.init_args.trajectories", "3",
                           "--data.init_args.frame_stride", "60", "--data.init_args.train_size", "1",
                           "--data.init_args.val_size", "1", "--data.init_args.num_workers", "0",
+                          "--data.init_args.cover_elements", "false",  # 3 systems cannot cover each other
                           "--trainer.fast_dev_run", "1", "--trainer.default_root_dir", str(tmp_path),
                           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
                           "--model.model_kwargs", json.dumps(TINY)])  # the config's own model: built below

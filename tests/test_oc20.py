@@ -141,6 +141,27 @@ def test_split_by_trajectory(cache_root):
     assert all(len(set(ds.frame_traj[v].tolist())) >= 1 for v in fractions.values())
 
 
+def test_split_covering_elements(cache_root, monkeypatch):
+    """cover_elements: held-out trajectories contain only elements that training sees."""
+    from equiformer.datasets.oc20 import OC20Trajectories
+
+    ds = OC20Trajectories(root=cache_root, source=_need(TARBALL), trajectories=5, frame_stride=7)
+    real = ds.trajectory_elements()
+    assert real[0] == {int(z) for z in ds[0].z.unique()}
+    fake = [{1, 8}, {1, 6}, {6, 8, 29}, {29, 1}, {78}]  # Pt (78) occurs once: that trajectory must train
+    monkeypatch.setattr(ds, "trajectory_elements", lambda: fake)
+    for seed in range(6):
+        split = ds.trajectory_split({"train": None, "val": 1, "test": 1}, seed=seed, cover_elements=True)
+        train = set(split["train"].tolist())
+        assert 4 in train and len(train) == 3
+        seen = set().union(*(fake[t] for t in train))
+        assert all(fake[t] <= seen for k in ("val", "test") for t in split[k].tolist())
+        items = ds.split({"train": None, "val": 1, "test": 1}, seed=seed, cover_elements=True)
+        assert set(ds.frame_traj[items["val"]].tolist()) == set(split["val"].tolist())
+    with pytest.raises(ValueError, match="cannot hold out 3 trajectories for 'test'"):
+        ds.trajectory_split({"train": None, "val": 1, "test": 3}, seed=0, cover_elements=True)
+
+
 def test_relaxation_pairs(trajs, ase_frames):
     pairs = trajs.relaxation_pairs()
     assert len(pairs) == 2
