@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from equiformer.datasets.qm9 import resolve_qm9_targets
-from equiformer.tasks.datamodule import QM9DataModule
+from equiformer.tasks.datamodule import QM9DataModule, StructureDataModule
 from equiformer.tasks.property import PropertyTask
 
 __all__ = ["ConfigError", "EquiformerCLI", "train_main", "test_main", "resolve_checkpoint", "CHECKPOINT_DIR", "MONITOR"]
@@ -67,14 +67,45 @@ def _check_config_files(argv: Sequence[str]) -> list[str]:
     return paths
 
 
-class EquiformerCLI(LightningCLI):
-    """LightningCLI for property prediction; builds model, datamodule and trainer, runs nothing."""
+def config_data_is_subclass(argv: Sequence[str]) -> bool:
+    """True when the (last) config's ``data:`` section names its class (``class_path``).
 
-    def __init__(self, args: Sequence[str], subcommand: str = "train") -> None:
+    QM9 configs give QM9DataModule arguments directly; other datasets (crystals, OC20) name a
+    :class:`StructureDataModule` subclass with ``class_path`` / ``init_args``.
+    """
+    import yaml
+
+    paths = _config_paths(argv)
+    if not paths:
+        return False
+    try:
+        cfg = yaml.safe_load(Path(paths[-1]).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config {paths[-1]!r} cannot be read as YAML: {exc}") from None
+    data = cfg.get("data") if isinstance(cfg, dict) else None
+    return isinstance(data, dict) and "class_path" in data
+
+
+def _target_list(targets: Any) -> list[str]:
+    if isinstance(targets, str):
+        return [t.strip() for t in targets.split(",") if t.strip()]
+    return [str(t) for t in targets]
+
+
+class EquiformerCLI(LightningCLI):
+    """LightningCLI for property prediction; builds model, datamodule and trainer, runs nothing.
+
+    With ``subclass_data=True`` the ``data:`` section names any :class:`StructureDataModule`
+    subclass (``class_path``/``init_args``), e.g. ``equiformer.tasks.crystal_datamodule.CrystalDataModule``.
+    """
+
+    def __init__(self, args: Sequence[str], subcommand: str = "train", subclass_data: bool = False) -> None:
         self._equiformer_subcommand = subcommand
+        self._subclass_data = subclass_data
         super().__init__(
             PropertyTask,
-            QM9DataModule,
+            StructureDataModule if subclass_data else QM9DataModule,
+            subclass_mode_data=subclass_data,
             args=list(args),
             run=False,
             seed_everything_default=True,
@@ -86,7 +117,10 @@ class EquiformerCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.targets", "model.targets", compute_fn=resolve_qm9_targets)
+        if self._subclass_data:
+            parser.link_arguments("data.init_args.targets", "model.targets", compute_fn=_target_list)
+        else:
+            parser.link_arguments("data.targets", "model.targets", compute_fn=resolve_qm9_targets)
         parser.add_argument("--float32_matmul_precision", type=str | None, default=None,
                             help="torch.set_float32_matmul_precision: 'highest', 'high' (TF32 on GPUs) or 'medium'")
         if self._equiformer_subcommand == "train":
@@ -103,7 +137,7 @@ class EquiformerCLI(LightningCLI):
         # canonical target names for both sides ("u0" -> "U0", "homo,lumo" -> [...]) so that the
         # task's and the datamodule's logged hyper-parameters agree
         data = self.config.get("data")
-        if data is not None and data.get("targets") is not None:
+        if not self._subclass_data and data is not None and data.get("targets") is not None:
             data["targets"] = resolve_qm9_targets(data["targets"])
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -142,7 +176,7 @@ def _build(argv: Sequence[str], subcommand: str) -> EquiformerCLI | None:
     saved_argv = sys.argv
     sys.argv = sys.argv[:1]  # LightningCLI warns when it sees both args= and a command line
     try:
-        return EquiformerCLI(argv, subcommand)
+        return EquiformerCLI(argv, subcommand, subclass_data=config_data_is_subclass(argv))
     except SystemExit as exc:  # --help, --print_config
         if exc.code in (0, None):
             return None

@@ -12,6 +12,7 @@ lists them all), so the dispatcher's argparse does not parse them.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 HELP = "train a model from a YAML config / evaluate a checkpoint on the test split"
 
@@ -33,10 +34,38 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     )
 
 
+def _is_energy_force_config(argv: list[str]) -> bool:
+    """A config whose ``model:`` section holds EnergyForceTask arguments (energy/force weights)."""
+    from equiformer.tasks.cli import _config_paths
+
+    import yaml
+
+    paths = _config_paths(argv)
+    if not paths or not Path(paths[-1]).is_file():
+        return False
+    try:
+        cfg = yaml.safe_load(Path(paths[-1]).read_text()) or {}
+    except yaml.YAMLError:
+        return False  # the property CLI reports the YAML error with the file name
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    return isinstance(model, dict) and bool({"force_weight", "energy_weight", "gradient_forces"} & set(model))
+
+
 def run(args: argparse.Namespace) -> int:
+    argv = list(getattr(args, "lightning_args", []) or [])
+    if _is_energy_force_config(argv):  # energy + forces (configs/oc20): EnergyForceTask's LightningCLI
+        import sys
+
+        from equiformer.tasks.energy_force_cli import main as energy_force_main
+
+        saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both args= and sys.argv
+        try:
+            return energy_force_main(["test" if args._command == "test" else "fit", *argv])
+        finally:
+            sys.argv = saved
+
     from equiformer.tasks import cli
 
-    argv = list(getattr(args, "lightning_args", []) or [])
     if args._command == "test":
         cli.test_main(argv)
     else:
