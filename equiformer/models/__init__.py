@@ -20,6 +20,10 @@ MODEL_REGISTRY: dict[str, tuple[str | Callable[..., nn.Module], dict[str, Any]]]
     "equiformer_small": ("equiformer.models.equiformer:Equiformer", {"preset": "small"}),
     "equiformer_e3": ("equiformer.models.equiformer:Equiformer", {"preset": "qm9_e3"}),
     "equiformer_v2": ("equiformer.models.equiformer_v2:EquiformerV2", {}),
+    "equiformer_v2_small": ("equiformer.models.equiformer_v2:EquiformerV2", {"preset": "small"}),
+    "equiformer_v2_31M": ("equiformer.models.equiformer_v2:EquiformerV2", {"preset": "31M"}),
+    "equiformer_v2_83M": ("equiformer.models.equiformer_v2:EquiformerV2", {"preset": "83M"}),
+    "equiformer_v2_153M": ("equiformer.models.equiformer_v2:EquiformerV2", {"preset": "153M"}),
 }
 
 
