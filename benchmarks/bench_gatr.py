@@ -1,7 +1,7 @@
 """GATr speed and memory vs a plain transformer of the same width and depth (forward + backward).
 
     python benchmarks/bench_gatr.py --device cuda --tokens 1024 4096 16384 --out results.json
-    python benchmarks/bench_gatr.py --device cuda --tokens 1024 4096 16384 --compile --out results.json
+    python benchmarks/bench_gatr.py --device cuda --tokens 1024 4096 16384 --compile-only --out compiled.json
     python benchmarks/bench_gatr.py --device cpu --tokens 64 128 --mv-channels 4 --s-channels 8 --blocks 2   # smoke test
 
 One training step (forward, mean of the outputs, backward) over ``batch`` sets of ``tokens``
@@ -55,6 +55,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mlp-ratio", type=float, default=2.0, help="transformer MLP width / model width (GATr's MLP is 2x)")
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     p.add_argument("--compile", action="store_true", help="also run torch.compile'd models")
+    p.add_argument("--compile-only", action="store_true", help="run only torch.compile'd models")
     p.add_argument("--models", nargs="+", default=["gatr", "transformer"], choices=["gatr", "transformer"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
         torch.backends.cudnn.allow_tf32 = not args.no_tf32
     rows = []
-    for compiled in ([False, True] if args.compile else [False]):
+    for compiled in ([True] if args.compile_only else [False, True] if args.compile else [False]):
         for precision in args.precisions:
             for n in args.tokens:
                 args.tokens_now = n
