@@ -516,3 +516,21 @@ def test_gatr_cuda_equivariance(dtype, tol):
     mv2, s2 = net(sandwich(u, mv), s)
     torch.testing.assert_close(mv2, sandwich(u, out_mv), rtol=tol, atol=tol)
     torch.testing.assert_close(s2, out_s, rtol=tol, atol=tol)
+
+
+def test_training_after_first_use_under_inference_mode():
+    """Tables cached during a validation pass (inference_mode) must still work in backward."""
+    from equiformer.ga import algebra, layers
+    from equiformer.ga.net import GATr
+
+    algebra._table_cached.cache_clear()
+    layers._basis_cached.cache_clear()
+    torch.manual_seed(0)
+    net = GATr(in_mv_channels=1, out_mv_channels=1, hidden_mv_channels=4, in_s_channels=1, out_s_channels=1,
+               hidden_s_channels=4, num_blocks=1, num_heads=1)
+    mv, s = torch.randn(2, 5, 1, 16), torch.randn(2, 5, 1)
+    with torch.inference_mode():
+        net(mv, s)
+    out_mv, out_s = net(mv, s)
+    (out_mv.square().sum() + out_s.square().sum()).backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)

@@ -173,9 +173,11 @@ INNER_MASK: np.ndarray = _TABLES["INNER_MASK"]
 @functools.lru_cache(maxsize=None)
 def _table_cached(name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     arr = _TABLES[name]
-    if arr.dtype == np.int64:
-        return torch.as_tensor(np.array(arr), device=device)
-    return torch.as_tensor(np.array(arr), dtype=dtype, device=device)
+    # never an inference tensor: the cache outlives the inference_mode block it was filled in
+    with torch.inference_mode(False):
+        if arr.dtype == np.int64:
+            return torch.as_tensor(np.array(arr), device=device)
+        return torch.as_tensor(np.array(arr), dtype=dtype, device=device)
 
 
 _CPU_TABLES = {k: torch.tensor(v.tolist(), dtype=torch.int64 if v.dtype == np.int64 else torch.float64)

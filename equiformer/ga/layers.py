@@ -54,7 +54,10 @@ _BASIS = _make_basis()
 
 @functools.lru_cache(maxsize=None)
 def _basis_cached(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return _BASIS.to(device=device, dtype=dtype)
+    # a cached tensor made under inference_mode (e.g. Lightning's validation) could never be
+    # saved for backward later: always create it as a normal tensor
+    with torch.inference_mode(False):
+        return _BASIS.to(device=device, dtype=dtype)
 
 
 def equi_linear_basis(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
