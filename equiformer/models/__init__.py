@@ -24,6 +24,10 @@ MODEL_REGISTRY: dict[str, tuple[str | Callable[..., nn.Module], dict[str, Any]]]
     "equiformer_v2_31M": ("equiformer.models.equiformer_v2:EquiformerV2", {"preset": "31M"}),
     "equiformer_v2_83M": ("equiformer.models.equiformer_v2:EquiformerV2", {"preset": "83M"}),
     "equiformer_v2_153M": ("equiformer.models.equiformer_v2:EquiformerV2", {"preset": "153M"}),
+    # n-body benchmark (GATr paper): inputs mass/pos/vel, output final positions
+    "gatr_nbody": ("equiformer.models.gatr_nbody:GATrNBody", {}),
+    "transformer_nbody": ("equiformer.models.baselines:NBodyTransformer", {}),
+    "egnn_nbody": ("equiformer.models.baselines:NBodyEGNN", {}),
 }
 
 
