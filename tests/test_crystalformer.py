@@ -320,6 +320,60 @@ def test_float32_agrees_with_float64(mp_crystals, calibrated_model):
     torch.testing.assert_close(y32.double(), y64, rtol=1e-4, atol=1e-5)
 
 
+# ------------------------------------------------------------------------ fused Triton kernels
+
+
+def compare_backends(device: str, dtype: torch.dtype, preset: str = "small", table: pd.DataFrame | None = None) -> None:
+    """The Triton lattice-sum kernels give the torch path's y and parameter gradients on real crystals."""
+    table = pd.read_csv(shared_data() / "materials_project" / "flla_2015.csv", comment="#") if table is None else table
+    crystals = [to_data(nacl().get_primitive_structure()), to_data(srtio3()),
+                to_data(mp_structure(table, MATERIAL_IDS["triclinic"])), to_data(mp_structure(table, MATERIAL_IDS["skewed"]))]
+    crystals += [to_data(mp_structure(table, mid)) for mid in table[table.nsites >= 20].material_id.head(4)]
+    batch = Batch.from_data_list(crystals)
+    batch = (as_f64(batch) if dtype == F64 else batch).to(device)
+    torch.manual_seed(0)
+    ref = Crystalformer(preset=preset, num_targets=2).to(device=device, dtype=dtype).calibrate(batch)
+    fused = Crystalformer(**{**ref.config, "attention_backend": "triton"}).to(device=device, dtype=dtype)
+    fused.load_state_dict(ref.state_dict())
+    assert fused.blocks[0].attn._use_triton(ref.lattice(batch), batch.pos)
+    results = []
+    for model in (ref, fused):
+        y = model(batch)["y"]
+        (y * torch.tensor([1.0, -2.0], dtype=dtype, device=device)).sum().backward()
+        results.append((y.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    rtol = 1e-10 if dtype == F64 else 2e-4
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=rtol, atol=rtol * float(results[0][0].abs().max()))
+    for name, grad in results[0][1].items():
+        scale = float(grad.abs().max())
+        if name.endswith("k_proj.bias"):  # exactly zero in exact arithmetic (softmax ignores a key shift)
+            continue
+        torch.testing.assert_close(results[1][1][name], grad, rtol=rtol, atol=rtol * scale, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_triton_kernels_match_the_torch_path_on_gpu(dtype, mp_table):
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    compare_backends("cuda", dtype, preset="default", table=mp_table)
+
+
+@pytest.mark.slow
+def test_triton_kernels_match_the_torch_path_in_the_interpreter(mp_table):
+    """Triton's CPU interpreter (TRITON_INTERPRET=1) runs the same kernels, in a fresh process."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = ("import sys, torch; sys.path.insert(0, %r); import test_crystalformer as t; "
+            "torch.set_num_threads(1); t.compare_backends('cpu', torch.float64)") % str(Path(__file__).parent)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 # ------------------------------------------------------------------------ training and errors
 
 
@@ -351,6 +405,43 @@ def test_training_on_materials_project_lowers_the_loss(mp_table):
     assert model.calibrated
     assert all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-3:]) < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("target", ["e_form", "gap"])
+def test_configs_train_with_property_task_and_crystal_datamodule(target, tmp_path, mp_table):
+    """configs/mp/crystalformer_<target>.yaml: the paper's model and optimiser settings, and its data
+    section (CrystalDataModule) trains offline on 80 MP structures with PropertyTask (small width)."""
+    import inspect
+
+    import lightning.pytorch as pl
+    import yaml
+
+    from equiformer.models import MODEL_REGISTRY, register_model
+    from equiformer.tasks.crystal_datamodule import CrystalDataModule
+    from equiformer.tasks.property import PropertyTask
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "mp" / f"crystalformer_{target}.yaml").read_text())
+    model_section, data_section = config["model"], config["data"]
+    assert model_section["model"] == "crystalformer" and model_section["loss"] == "l1"
+    assert (model_section["lr"], model_section["betas"], model_section["weight_decay"]) == (5e-4, [0.9, 0.98], 1e-5)
+    assert Crystalformer(**model_section["model_kwargs"]).num_parameters() == 853_505
+    assert config["trainer"]["max_epochs"] == 500 and data_section["init_args"]["batch_size"] == 128
+    assert data_section["class_path"] == "equiformer.tasks.crystal_datamodule.CrystalDataModule"
+    inspect.signature(PropertyTask).bind(**model_section)
+    if "crystalformer" not in MODEL_REGISTRY:
+        register_model("crystalformer", "equiformer.models.crystalformer:Crystalformer")
+    offline = {"source": "flla_2015", "subset": 80, "split": "random", "root": str(tmp_path), "batch_size": 16,
+               "eval_batch_size": 32, "num_workers": 0, "pin_memory": False, "progress": False}
+    torch.manual_seed(0)
+    datamodule = CrystalDataModule(**{**data_section["init_args"], **offline})
+    task = PropertyTask(**{**model_section, "model_kwargs": {"preset": "small"}, "targets": datamodule.target_names})
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         gradient_clip_val=config["trainer"]["gradient_clip_val"])
+    trainer.fit(task, datamodule)
+    assert task.model.calibrated  # the sigma statistics were set by the first training batch
+    metrics = trainer.callback_metrics
+    assert math.isfinite(float(metrics["train/loss"])) and math.isfinite(float(metrics["val/mae_norm"]))
 
 
 def test_bad_inputs_give_clear_errors(mp_crystals):

@@ -53,6 +53,7 @@ _DEFAULT: dict[str, Any] = {
     "normalize_sigma": True,
     "norm": "none",
     "t_fixup": True,
+    "attention_backend": "torch",
 }
 #: named architectures; explicit keyword arguments override a preset's entries
 PRESETS: dict[str, dict[str, Any]] = {
@@ -124,6 +125,8 @@ class Crystalformer(nn.Module):
         normalize_sigma: standardise the width logits with first-training-batch statistics.
         norm: "none" (paper), "post" or "pre" layer norm in the blocks.
         t_fixup: T-Fixup initialisation (paper; meant for ``norm="none"``).
+        attention_backend: "torch" (reference) or "triton" (fused lattice-sum kernels on CUDA,
+            :mod:`equiformer.nn.periodic_attention_triton`; same parameters and results).
     """
 
     def __init__(
@@ -146,6 +149,7 @@ class Crystalformer(nn.Module):
         normalize_sigma: bool | None = None,
         norm: str | None = None,
         t_fixup: bool | None = None,
+        attention_backend: str | None = None,
     ) -> None:
         super().__init__()
         if preset not in PRESETS:
@@ -169,7 +173,10 @@ class Crystalformer(nn.Module):
             "sigma_slope": float(cfg["sigma_slope"]),
             "cutoff_sigmas": float(cfg["cutoff_sigmas"]),
             "num_basis": self.num_basis,
+            "basis_max": self.basis_max,
+            "basis_width_scale": self.basis_width_scale,
             "normalize_sigma": bool(cfg["normalize_sigma"]),
+            "backend": str(cfg["attention_backend"]),
         }
         self.embedding = nn.Embedding(self.num_elements, dim)  # row z - 1
         std = dim**-0.5 * ((9 * nblocks) ** -0.25 if cfg["t_fixup"] else 1.0)
@@ -232,10 +239,10 @@ class Crystalformer(nn.Module):
         """Per-atom features [N, dim] after the last block (invariant; equal for equivalent atoms)."""
         z, pos, cell, pbc, batch, _ = self._inputs(data)
         terms = lattice_terms(pos, cell, pbc, batch, self.radius)
-        basis = None
-        if self.num_basis > 0:
-            basis = distance_basis(terms.dist, self.num_basis, self.basis_max, self.basis_width_scale)
         x = self.embedding(z - 1).to(pos.dtype)
+        basis = None  # shared by the blocks' plain-torch paths (the fused kernels build their own)
+        if self.num_basis > 0 and not all(block.attn._use_triton(terms, x) for block in self.blocks):
+            basis = distance_basis(terms.dist, self.num_basis, self.basis_max, self.basis_width_scale)
         for block in self.blocks:
             x = block(x, terms, basis)
         return x

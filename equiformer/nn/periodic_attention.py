@@ -40,12 +40,18 @@ from equiformer.graph.radius import radius_graph_pbc
 from equiformer.nn.scatter import segment_softmax, segment_sum
 
 __all__ = [
+    "BACKENDS",
     "LatticeTerms",
     "PeriodicGaussianAttention",
     "distance_basis",
     "gaussian_lattice_sums",
     "lattice_terms",
 ]
+
+
+#: lattice-sum implementations: plain torch (reference) or the fused Triton kernels
+#: (:mod:`equiformer.nn.periodic_attention_triton`, used where they can run, else torch)
+BACKENDS = ("torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -57,9 +63,11 @@ class LatticeTerms:
         neighbor: [E] long, the key atom ``j`` (the image ``j + n`` lies within ``radius`` of ``i``).
         dist2: [E] squared distance ``|r_j + n L - r_i|^2`` (Å^2), differentiable w.r.t. pos and cell.
         dist: [E] distance (Å); 0 for the term ``i = j, n = 0`` (with a zero gradient there).
-        pair: [E] long, index of the term's pair in ``pair_center`` / ``pair_neighbor``.
+        pair: [E] long, index of the term's pair in ``pair_center`` / ``pair_neighbor``; terms are
+            sorted by pair.
         pair_center: [P] long, ``i`` of each pair (pairs sorted by ``i``, then ``j``).
         pair_neighbor: [P] long, ``j`` of each pair.
+        pair_offsets: [P + 1] long, the terms of pair p are ``pair_offsets[p]:pair_offsets[p + 1]``.
         radius: the search radius (Å); every image closer than it is a term.
         num_nodes: N.
     """
@@ -71,6 +79,7 @@ class LatticeTerms:
     pair: Tensor
     pair_center: Tensor
     pair_neighbor: Tensor
+    pair_offsets: Tensor
     radius: float
     num_nodes: int
 
@@ -109,14 +118,20 @@ def lattice_terms(pos: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, radius:
     positive = dist2 > 0
     dist = torch.where(positive, torch.sqrt(torch.where(positive, dist2, torch.ones_like(dist2))), torch.zeros_like(dist2))
     keys, pair = torch.unique(center * n + neighbor, sorted=True, return_inverse=True)
+    order = torch.argsort(pair, stable=True)  # terms of one pair contiguous (CSR for fused kernels)
+    pair = pair[order]
+    counts = torch.bincount(pair, minlength=keys.numel())
+    offsets = torch.zeros(keys.numel() + 1, dtype=torch.long, device=pos.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
     return LatticeTerms(
-        center=center,
-        neighbor=neighbor,
-        dist2=dist2,
-        dist=dist,
+        center=center[order],
+        neighbor=neighbor[order],
+        dist2=dist2[order],
+        dist=dist[order],
         pair=pair,
         pair_center=torch.div(keys, n, rounding_mode="floor"),
         pair_neighbor=keys % n,
+        pair_offsets=offsets,
         radius=float(radius),
         num_nodes=n,
     )
@@ -190,15 +205,19 @@ class PeriodicGaussianAttention(nn.Module):
     they are the identity.
 
     The value position encoding ``psi_h(r) = W_h b(r)`` maps a Gaussian basis of the distance
-    (``num_basis`` centres up to ``basis_max`` Å) through a per-head linear map without bias.
+    (``num_basis`` centres up to ``basis_max`` Å, :func:`distance_basis`) through a per-head
+    linear map without bias.
 
     Args:
         dim: model width C (= heads x head width).
         num_heads: H.
         sigma_scale, sigma_lower_bound, sigma_slope: r0 (Å), b, gamma above.
         cutoff_sigmas: truncation radius in units of sigma (the paper's adaptive 3.5 sigma).
-        num_basis: K of the value position encoding (0 disables it).
+        num_basis, basis_max, basis_width_scale: the distance basis of the value position
+            encoding (``num_basis=0`` disables it).
         normalize_sigma: standardise ``q.w`` with first-batch statistics.
+        backend: "torch" (reference) or "triton" (fused kernels on CUDA when the distances need
+            no gradient; the torch path otherwise).
     """
 
     def __init__(
@@ -210,9 +229,14 @@ class PeriodicGaussianAttention(nn.Module):
         sigma_slope: float = 0.1,
         cutoff_sigmas: float = 3.5,
         num_basis: int = 64,
+        basis_max: float = 14.0,
+        basis_width_scale: float = 1.0,
         normalize_sigma: bool = True,
+        backend: str = "torch",
     ) -> None:
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         if not 0.0 < sigma_lower_bound < 1.0:
@@ -227,7 +251,10 @@ class PeriodicGaussianAttention(nn.Module):
         self.sigma_slope = float(sigma_slope)
         self.cutoff_sigmas = float(cutoff_sigmas)
         self.num_basis = int(num_basis)
+        self.basis_max = float(basis_max)
+        self.basis_width_scale = float(basis_width_scale)
         self.normalize_sigma = bool(normalize_sigma)
+        self.backend = backend
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
@@ -301,8 +328,8 @@ class PeriodicGaussianAttention(nn.Module):
         Args:
             x: features of the atoms of the unit cells.
             terms: lattice terms whose radius is at least :attr:`radius`.
-            basis: [E, K] distance basis of the terms (:func:`distance_basis`), needed when the
-                value position encoding is on.
+            basis: [E, K] distance basis of the terms (:func:`distance_basis` with this module's
+                basis settings), shared by the blocks; computed here when not given.
         """
         if terms.radius < self.radius * (1 - 1e-12):
             raise ValueError(f"lattice terms searched within {terms.radius:.3f} Å; this attention needs "
@@ -312,12 +339,19 @@ class PeriodicGaussianAttention(nn.Module):
         k = self.k_proj(x).view(n, H, d)
         v = self.v_proj(x).view(n, H, d)
         inv_two_sigma2 = self._inv_two_sigma2(q, calibrate=self.training)
-        psi = None
-        if self.value_pe is not None:
-            if basis is None:
-                raise ValueError("the value position encoding needs the distance basis of the lattice terms")
-            psi = torch.einsum("ek,hdk->ehd", basis.to(x.dtype), self.value_pe)
-        alpha, _, beta = gaussian_lattice_sums(terms, inv_two_sigma2, self.cutoff_sigmas, psi)
+        if self._use_triton(terms, x):
+            from equiformer.nn.periodic_attention_triton import gaussian_lattice_sums_triton
+
+            alpha, _, bbar = gaussian_lattice_sums_triton(terms, inv_two_sigma2, self.cutoff_sigmas, self.num_basis,
+                                                          self.basis_max, self.basis_width_scale)
+            beta = torch.einsum("phk,hdk->phd", bbar, self.value_pe)
+        else:
+            psi = None
+            if self.value_pe is not None:
+                if basis is None:
+                    basis = distance_basis(terms.dist, self.num_basis, self.basis_max, self.basis_width_scale)
+                psi = torch.einsum("ek,hdk->ehd", basis.to(x.dtype), self.value_pe)
+            alpha, _, beta = gaussian_lattice_sums(terms, inv_two_sigma2, self.cutoff_sigmas, psi)
         pi, pj = terms.pair_center, terms.pair_neighbor
         logits = (q.index_select(0, pi) * k.index_select(0, pj)).sum(-1) / math.sqrt(d) + alpha  # [P, H]
         attn = segment_softmax(logits, pi, n)  # every atom has its own n = 0 term: no empty row
@@ -327,10 +361,17 @@ class PeriodicGaussianAttention(nn.Module):
         out = segment_sum(attn.unsqueeze(-1) * values, pi, n)  # [N, H, d]
         return self.out_proj(out.reshape(n, self.dim))
 
+    def _use_triton(self, terms: LatticeTerms, x: Tensor) -> bool:
+        if self.backend != "triton" or self.value_pe is None or terms.dist2.requires_grad:
+            return False
+        from equiformer.nn.periodic_attention_triton import triton_available
+
+        return triton_available(x.device)
+
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, sigma_scale={self.sigma_scale}, "
                 f"sigma_lower_bound={self.sigma_lower_bound}, cutoff_sigmas={self.cutoff_sigmas}, "
-                f"num_basis={self.num_basis}")
+                f"num_basis={self.num_basis}, backend={self.backend!r}")
 
 
 def _refresh_calibration_flag(module: nn.Module, incompatible_keys: object) -> None:
