@@ -116,7 +116,8 @@ def lattice_terms(pos: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, radius:
     vec = edge_vectors(pos, torch.stack([neighbor, center]), shift, cell, batch)
     dist2 = (vec * vec).sum(-1)
     positive = dist2 > 0
-    dist = torch.where(positive, torch.sqrt(torch.where(positive, dist2, torch.ones_like(dist2))), torch.zeros_like(dist2))
+    safe = torch.where(positive, dist2, torch.ones_like(dist2))  # sqrt'(0) is infinite: keep 0 out of it
+    dist = torch.where(positive, torch.sqrt(safe), torch.zeros_like(dist2))
     keys, pair = torch.unique(center * n + neighbor, sorted=True, return_inverse=True)
     order = torch.argsort(pair, stable=True)  # terms of one pair contiguous (CSR for fused kernels)
     pair = pair[order]
