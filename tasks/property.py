@@ -24,7 +24,6 @@ units of each target's std; the checkpoint monitor) and ``val/<target>_mae_<repo
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -38,7 +37,7 @@ from torch.utils.data import RandomSampler
 
 from equiformer.tasks.ema import EMAWeights
 from equiformer.tasks.metrics import PerTargetMAE, mae_key
-from equiformer.tasks.schedulers import WarmupCosineLR
+from equiformer.tasks.schedulers import WarmupCosineLR, schedule_lengths, weight_decay_groups
 
 __all__ = ["PropertyTask", "NUM_ELEMENTS"]
 
@@ -422,37 +421,12 @@ class PropertyTask(pl.LightningModule):
     # ------------------------------------------------------------------ optimisation
 
     def _param_groups(self) -> list[dict[str, Any]]:
-        skip = set()
-        if hasattr(self.model, "no_weight_decay"):
-            skip = set(self.model.no_weight_decay())
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            if p.ndim <= 1 or name.endswith(".bias") or name in skip:
-                no_decay.append(p)
-            else:
-                decay.append(p)
-        groups = [{"params": decay, "weight_decay": float(self.hparams.weight_decay)}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        return [g for g in groups if g["params"]]
+        return weight_decay_groups(self.model, self.hparams.weight_decay)
 
     def schedule_lengths(self) -> tuple[int, int]:
         """(warm-up steps, total steps of the cosine) for the trainer's run."""
-        trainer = self.trainer
-        total = int(trainer.estimated_stepping_batches)
-        accumulate = max(int(trainer.accumulate_grad_batches), 1)
-        batches = trainer.num_training_batches
-        if batches is None or not math.isfinite(batches) or batches <= 0:
-            steps_per_epoch = total / max(trainer.max_epochs or 1, 1)
-        else:
-            steps_per_epoch = math.ceil(batches / accumulate)
         hp = self.hparams
-        if hp.max_epochs is not None:
-            total = int(round(hp.max_epochs * steps_per_epoch))
-        warmup = int(hp.warmup_steps) if hp.warmup_steps is not None else int(round(hp.warmup_epochs * steps_per_epoch))
-        return warmup, max(total, 1)
+        return schedule_lengths(self.trainer, hp.max_epochs, hp.warmup_steps, hp.warmup_epochs)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

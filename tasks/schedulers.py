@@ -9,11 +9,13 @@ numbers (its ``state_dict`` round-trips through ``torch.load(weights_only=True)`
 from __future__ import annotations
 
 import math
+from typing import Any
 
+from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["WarmupCosineLR", "warmup_cosine_factor"]
+__all__ = ["WarmupCosineLR", "warmup_cosine_factor", "weight_decay_groups", "schedule_lengths"]
 
 
 def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_factor: float, warmup_start_factor: float) -> float:
@@ -74,3 +76,35 @@ class WarmupCosineLR(LRScheduler):
 
     def _get_closed_form_lr(self) -> list[float]:
         return self.lr_at(self.last_epoch)
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: no decay on biases, 1-D weights (norms) and ``model.no_weight_decay()``."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": float(weight_decay)}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def schedule_lengths(trainer: Any, max_epochs: float | None, warmup_steps: int | None,
+                     warmup_epochs: float) -> tuple[int, int]:
+    """(warm-up steps, total steps of the cosine) for a Lightning trainer's run.
+
+    ``max_epochs`` (if given) sets the cosine's length in epochs, else the trainer's whole run
+    (its ``max_epochs``/``max_steps``); ``warmup_steps`` wins over ``warmup_epochs``.
+    """
+    total = int(trainer.estimated_stepping_batches)
+    accumulate = max(int(trainer.accumulate_grad_batches), 1)
+    batches = trainer.num_training_batches
+    if batches is None or not math.isfinite(batches) or batches <= 0:
+        steps_per_epoch = total / max(trainer.max_epochs or 1, 1)
+    else:
+        steps_per_epoch = math.ceil(batches / accumulate)
+    if max_epochs is not None:
+        total = int(round(max_epochs * steps_per_epoch))
+    warmup = int(warmup_steps) if warmup_steps is not None else int(round(warmup_epochs * steps_per_epoch))
+    return warmup, max(total, 1)
