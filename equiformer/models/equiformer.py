@@ -27,6 +27,7 @@ from e3nn import o3
 from torch import Tensor, nn
 
 from equiformer.graph import build_edges
+from equiformer.nn.weight_decay import no_weight_decay_names
 from equiformer.nn import (
     AtomEmbedding,
     EdgeDegreeEmbedding,
@@ -297,15 +298,7 @@ class Equiformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters the paper trains without weight decay (norms, biases of torch Linears, radial basis)."""
-        names = set()
-        for module_name, module in self.named_modules():
-            for param_name, _ in module.named_parameters(recurse=False):
-                full = f"{module_name}.{param_name}" if module_name else param_name
-                if isinstance(module, (nn.LayerNorm, EquivariantLayerNorm, GaussianRadialBasis, BesselRadialBasis)):
-                    names.add(full)
-                elif isinstance(module, nn.Linear) and param_name == "bias":
-                    names.add(full)
-        return names
+        return no_weight_decay_names(self, (nn.LayerNorm, EquivariantLayerNorm, GaussianRadialBasis, BesselRadialBasis), (nn.Linear,))
 
     def embed(self, data: Any) -> tuple[Tensor, Tensor, int]:
         """Per-atom scalar features after the final norm.

@@ -54,6 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from equiformer.graph import build_edges
+from equiformer.nn.weight_decay import no_weight_decay_names
 from equiformer.nn.eqv2_layers import (
     ACTIVATIONS,
     EdgeDegreeEmbedding,
@@ -436,15 +437,7 @@ class EquiformerV2(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameters trained without weight decay in the paper: norms, biases, the radial basis."""
-        names = set()
-        for module_name, module in self.named_modules():
-            for param_name, _ in module.named_parameters(recurse=False):
-                full = f"{module_name}.{param_name}" if module_name else param_name
-                if isinstance(module, (nn.LayerNorm, SeparableLayerNorm, GaussianRadialBasis, BesselRadialBasis)):
-                    names.add(full)
-                elif isinstance(module, (nn.Linear, SO3Linear)) and param_name == "bias":
-                    names.add(full)
-        return names
+        return no_weight_decay_names(self, (nn.LayerNorm, SeparableLayerNorm, GaussianRadialBasis, BesselRadialBasis), (nn.Linear, SO3Linear))
 
     # ------------------------------------------------------------------ graph
     def edges(self, data: Any) -> tuple[Tensor, Tensor]:
