@@ -534,3 +534,20 @@ def test_training_after_first_use_under_inference_mode():
     out_mv, out_s = net(mv, s)
     (out_mv.square().sum() + out_s.square().sum()).backward()
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+def test_attention_pads_heads_for_fused_kernels_without_changing_the_result():
+    """Padding q/k/v to a common multiple of 8 leaves the attention output unchanged."""
+    from equiformer.ga.attention import attention_features, geometric_attention
+
+    g = torch.Generator().manual_seed(3)
+    B, H, N, C, S = 2, 3, 7, 3, 5  # feature sizes 3*(8+5)+5 = 44 (q/k) and 16*3+5 = 53 (v)
+    q_mv, k_mv, v_mv = (torch.randn(B, H, N, C, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    q_s, k_s, v_s = (torch.randn(B, H, N, S, generator=g, dtype=torch.float64) for _ in range(3))
+    mv, s = geometric_attention(q_mv, k_mv, v_mv, q_s, k_s, v_s)
+    q, k = attention_features(q_mv, q_s, "query", True), attention_features(k_mv, k_s, "key", True)
+    assert q.shape[-1] % 8 != 0  # the case the padding exists for
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+    ref = weights @ torch.cat([v_mv.flatten(-2), v_s], dim=-1)
+    torch.testing.assert_close(mv, ref[..., : 16 * C].unflatten(-1, (C, 16)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s, ref[..., 16 * C :], rtol=1e-12, atol=1e-12)

@@ -74,7 +74,13 @@ def geometric_attention(
     k = attention_features(k_mv, k_s, "key", distance)
     c_v, s_v = v_mv.shape[-2], v_s.shape[-1]
     v = torch.cat([v_mv.flatten(-2), v_s], dim=-1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    # Flash / memory-efficient SDPA kernels need one head size for q, k and v, a multiple of 8:
+    # zero-pad to it (zeros add nothing to q.k; padded value columns are sliced off) and keep
+    # the softmax scale of the unpadded query/key size.
+    d_qk, d_v = q.shape[-1], v.shape[-1]
+    width = -(-max(d_qk, d_v) // 8) * 8
+    q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=d_qk**-0.5)
     out_mv = out[..., : 16 * c_v].unflatten(-1, (c_v, 16))
     return out_mv, out[..., 16 * c_v : 16 * c_v + s_v]
 
