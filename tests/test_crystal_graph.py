@@ -68,9 +68,10 @@ def mp_structures(ids: list[str]) -> dict[str, Structure]:
     return {r.material_id: Structure.from_dict(ast.literal_eval(r.structure)) for r in rows.itertuples()}
 
 
-#: MP structures: low symmetry (mp-10341 P312, near ties), a body-centred tetragonal near-tie
-#: lattice (mp-19330 I4_1/a), a 22-atom cell (mp-17334), a triclinic-ish one (mp-18802)
-MP_IDS = ["mp-10341", "mp-19330", "mp-17334", "mp-18802", "mp-10000"]
+#: MP structures: P312 with a = b to 1e-7 (mp-10341), near-tetragonal I4_1/a (mp-19330), frames
+#: that only degree-4 moments tell apart (mp-10010 P-3m1) and degree-6 ones (mp-1746 pyrite-type
+#: Pa-3, mp-1317 Im-3), a 22-atom cell (mp-17334), mp-18802, mp-10000
+MP_IDS = ["mp-10341", "mp-19330", "mp-10010", "mp-1746", "mp-1317", "mp-17334", "mp-18802", "mp-10000"]
 
 
 def as_data(s: Structure, dtype: torch.dtype = torch.float64):
@@ -290,7 +291,7 @@ def test_graph_features_do_not_depend_on_the_unit_cell(which):
     if which == "mp":
         if not FLLA.is_file():
             pytest.skip("shared MP data missing")
-        structures = list(mp_structures(MP_IDS[:3]).values())
+        structures = list(mp_structures(MP_IDS[:5]).values())
     else:
         structures = [{"nacl": nacl(False), "quartz": quartz(), "wurtzite": wurtzite()}[which]]
     for s in structures:

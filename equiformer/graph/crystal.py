@@ -21,11 +21,16 @@ A crystal graph here is
    - ties (equal lengths, right angles: every cubic, hexagonal, tetragonal, orthorhombic
      lattice) are first narrowed by lattice-only rules (``l2`` closest in angle to ``l1``;
      ``l3`` closest to ``l1``, then to ``l2``) and then broken **by the atoms**: among the
-     remaining frames the one whose edge-direction fingerprint (moments of the cosines
-     between the k-NN edges and ``l1, l2, l3``, weighted by invariant edge weights) is
-     lexicographically smallest. Frames related by a rotation symmetry of the crystal have
-     equal fingerprints and give identical model inputs, so the choice is invariant under
-     rotations, choice of unit cell, supercells, wrapping and translations;
+     remaining frames (the lattice's rotations permute them) the one with the lexicographically
+     smallest fingerprint, the weighted means over the k-NN edge directions and over per-atom
+     neighbour dipoles of every monomial of degree <= 6 of their coordinates along ``l1, l2,
+     l3``. Frames related by a rotation symmetry of the crystal have equal fingerprints and
+     give identical model inputs; the others differ in some moment (degree 4 separates P-3m1
+     from its hexagonal lattice, degree 6 Pa-3/Im-3 from the cubic one). The choice is thus
+     invariant under rotations, choice of unit cell, supercells, wrapping and translations.
+     Fingerprint differences below 1e-6 count as noise (MP cells are symmetric only to ~1e-7),
+     so a nearly symmetric cell may take one of two nearly equivalent frames (inputs then
+     differ at the level of the cell's asymmetry);
 
 3. optionally (``self_edges=True``, ComFormer's ``use_lattice``) the six edges
    ``i -> i + (+-l_k)`` added to the graph (merged with the k-NN edges, no duplicates).
@@ -382,8 +387,31 @@ def lattice_frame_candidates(
 #: degree of the highest moments in the frame fingerprint: 6 separates every Laue class from its
 #: holohedry (m-3 from m-3m and 6/m from 6/mmm need degree 6, -3m from 6/mmm degree 4)
 _MAX_DEGREE = 6
-#: every monomial of degree 1.._MAX_DEGREE in three coordinates (indices into l1, l2, l3), by degree
-_MONOMIALS = tuple(m for d in range(1, _MAX_DEGREE + 1) for m in itertools.combinations_with_replacement(range(3), d))
+#: exponents [M_d, 3] of every monomial of degree d = 1.._MAX_DEGREE in three coordinates
+_EXPONENTS = tuple(
+    np.array([np.bincount(m, minlength=3) for m in itertools.combinations_with_replacement(range(3), d)])
+    for d in range(1, _MAX_DEGREE + 1)
+)
+
+
+def _lexicographic_filter(alive: np.ndarray, values: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the rows whose columns are, one column after the other, within ``tol`` of the minimum.
+
+    Columns on which the remaining rows agree within ``tol`` filter nothing and are skipped in
+    one vectorised step, so only the deciding columns cost a Python iteration.
+    """
+    keep = np.arange(len(alive))
+    col = 0
+    while len(keep) > 1 and col < values.shape[1]:
+        block = values[keep, col:]
+        low = block.min(axis=0)
+        deciding = np.flatnonzero(block.max(axis=0) > low + tol)
+        if len(deciding) == 0:
+            break
+        c = int(deciding[0])
+        keep = keep[block[:, c] <= low[c] + tol]
+        col += c + 1
+    return alive[keep], keep
 
 
 def _canonical_frame(
@@ -393,37 +421,38 @@ def _canonical_frame(
 
     For each set of invariantly defined vectors ``(x [P, 3], weights [P, W])`` in ``points`` (edge
     directions, per-atom neighbour dipoles), each monomial of degree 1..6 of their coordinates
-    along the frame's unit vectors (``_MONOMIALS``) and each weight column, the weighted mean over
-    the set is a column of the fingerprint (computed lazily, in that order). Frames are filtered
-    column by column with the loose tolerance ``tol[0]``, then the survivors with the tight one
-    ``tol[1]`` (:func:`fingerprint_tolerance`). Frames related by a rotation of the crystal onto
-    itself have equal fingerprints; the moments tell the others apart (odd ones through the
-    dipoles and the element-weighted edges: the edge set itself is centrosymmetric).
+    along the frame's unit vectors and each weight column, the weighted mean over the set is a
+    column of the fingerprint (computed one degree at a time, only for frames still tied).
+    Frames are filtered column by column with the loose tolerance ``tol[0]``, then the
+    survivors with the tight one ``tol[1]`` (:func:`fingerprint_tolerance`). Frames related by
+    a rotation of the crystal onto itself have equal fingerprints; the moments tell the others
+    apart (odd ones through the dipoles and the element-weighted edges: the edge set itself is
+    centrosymmetric).
 
     frames: [F, 3, 3] Cartesian rows l1, l2, l3.
     """
     fu = frames / np.sqrt((frames * frames).sum(axis=-1, keepdims=True))
     alive = np.arange(len(frames))
-    for t in tol:
-        for x, weights in points:
-            coords = np.einsum("pd,fkd->fkp", x, fu)  # [F, 3, P] coordinates along l_k
-            total = weights.sum(axis=0)
-            w = weights / np.where(total != 0, total, 1.0)
-            cache: dict[tuple[int, ...], np.ndarray] = {}
-            for monomial in _MONOMIALS:
-                head = monomial[:-1]
-                last = coords[alive, monomial[-1]]
-                prod = last if not head else cache[head] * last
-                cache[monomial] = prod
-                values = prod @ w  # [alive, W]
-                for col in range(values.shape[1]):
-                    v = values[:, col]
-                    keep = v <= v.min() + t
-                    if not keep.all():
-                        alive, values = alive[keep], values[keep]
-                        cache = {key: val[keep] for key, val in cache.items()}
-                    if len(alive) == 1:
-                        return int(alive[0])
+    records: list[tuple[np.ndarray, np.ndarray]] = []
+    for x, weights in points:
+        total = weights.sum(axis=0)
+        w = weights / np.where(total != 0, total, 1.0)
+        coords = np.einsum("pd,akd->akp", x, fu[alive])  # [A, 3, P] coordinates along l_k
+        powers = np.ones(coords.shape + (_MAX_DEGREE + 1,))  # [A, 3, P, D + 1]: coords ** 0..D
+        np.cumprod(np.broadcast_to(coords[..., None], coords.shape + (_MAX_DEGREE,)), axis=-1, out=powers[..., 1:])
+        for exps in _EXPONENTS:
+            prod = powers[:, 0][:, :, exps[:, 0]] * powers[:, 1][:, :, exps[:, 1]] * powers[:, 2][:, :, exps[:, 2]]
+            values = np.matmul(prod.transpose(0, 2, 1), w).reshape(len(alive), -1)  # [A, M_d * W]
+            records.append((alive, values))
+            alive, keep = _lexicographic_filter(alive, values, tol[0])
+            if len(alive) == 1:
+                return int(alive[0])
+            powers = powers[keep]
+    for block_alive, values in records:  # still tied: the same columns with the tight tolerance
+        rows = np.searchsorted(block_alive, alive)
+        alive, _ = _lexicographic_filter(alive, values[rows], tol[1])
+        if len(alive) == 1:
+            break
     return int(alive[0])
 
 
