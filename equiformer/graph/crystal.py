@@ -97,7 +97,9 @@ def fingerprint_tolerance(dtype: torch.dtype) -> tuple[float, float]:
 # ----------------------------------------------------------------------------- k nearest neighbours
 
 
-def _graph_radius_guess(cell: np.ndarray, pbc: np.ndarray, natoms: np.ndarray, k: int, pos_extent: np.ndarray) -> np.ndarray:
+def _graph_radius_guess(
+    cell: np.ndarray, pbc: np.ndarray, natoms: np.ndarray, k: int, pos_extent: np.ndarray
+) -> np.ndarray:
     """Per graph, a radius expected to hold ~k neighbours (density of the cell), Å."""
     out = np.empty(len(natoms))
     for g in range(len(natoms)):
@@ -511,7 +513,9 @@ def lattice_representation(
     return {"coef": cands[pick], "trans": trans, "perm": perm, "num_candidates": np.array(len(cands))}
 
 
-def _lattice_self_edges(frac: np.ndarray, coef: np.ndarray, trans: np.ndarray, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _lattice_self_edges(
+    frac: np.ndarray, coef: np.ndarray, trans: np.ndarray, perm: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Edges i -> atom at pos_i + (+-l_k): (edge_index [2, 6n] local, shift [6n, 3])."""
     n = len(frac)
     js, is_, shifts = [], [], []
@@ -660,7 +664,9 @@ def build_crystal_graph(
         batch = torch.zeros(n, dtype=torch.long, device=device)
     cell, pbc = getattr(data, "cell", None), getattr(data, "pbc", None)
     if cell is None or pbc is None:
-        raise ValueError("build_crystal_graph: ComFormer needs crystals (data.cell and data.pbc); got a structure without them")
+        raise ValueError(
+            "build_crystal_graph: ComFormer needs crystals (data.cell and data.pbc); got a structure without them"
+        )
     num_graphs = cell.shape[0] if cell.dim() == 3 else 1
     num_graphs = max(num_graphs, int(batch.max()) + 1 if n else 1)
     cell, pbc = as_batched_cell_pbc(cell, pbc, num_graphs, device, dtype)
