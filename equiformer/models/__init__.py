@@ -25,6 +25,8 @@ MODEL_REGISTRY: dict[str, tuple[str | Callable[..., nn.Module], dict[str, Any]]]
     "equiformer_v2_83M": ("equiformer.models.equiformer_v2:EquiformerV2", {"preset": "83M"}),
     "equiformer_v2_153M": ("equiformer.models.equiformer_v2:EquiformerV2", {"preset": "153M"}),
     # crystals
+    "icomformer": ("equiformer.models.comformer:IComFormer", {}),
+    "ecomformer": ("equiformer.models.comformer:EComFormer", {}),
     "crystalformer": ("equiformer.models.crystalformer:Crystalformer", {}),
     "crystalformer_7": ("equiformer.models.crystalformer:Crystalformer", {"preset": "7_blocks"}),
     # n-body benchmark (GATr paper): inputs mass/pos/vel, output final positions
