@@ -165,13 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     t_train = time.perf_counter()
     trainer.fit(task, datamodule=dm)
     train_s = time.perf_counter() - t_train
+    done = int(trainer.global_step)  # fewer than `steps` when --max-time-s stopped the run
     val = trainer.validate(task, datamodule=dm, ckpt_path="best", verbose=False)[0]
     test = trainer.test(task, datamodule=dm, ckpt_path="best", verbose=False)[0]
 
     result = {
         "model": args.model, "device": device, "parameters": sum(p.numel() for p in task.model.parameters()), "targets": list(dm.target_names),
-        "budget_s": args.budget_s, "probe_s": probe_s, "train_s": train_s, "steps": steps,
-        "epochs": steps * args.batch_size / train_molecules, "batch_size": args.batch_size,
+        "budget_s": args.budget_s, "probe_s": probe_s, "train_s": train_s, "steps": done, "planned_steps": steps,
+        "epochs": done * args.batch_size / train_molecules, "batch_size": args.batch_size,
         "molecules_per_s_probe": rate, "molecules_per_s_train": timer.molecules_per_s,
         "val": {k: float(v) for k, v in val.items()}, "test": {k: float(v) for k, v in test.items()},
         "command": "python leaderboards/qm9/equal_budget.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
         path = export_from_lightning(
             ckpt.best_model_path, args.export, args.out, metrics=test,
-            training={"epochs": round(result["epochs"], 3), "steps": steps, "wall_time_s": round(train_s, 1),
+            training={"epochs": round(result["epochs"], 3), "steps": done, "planned_steps": steps, "wall_time_s": round(train_s, 1),
                       "device": device, "command": result["command"]},
         )
         print(f"exported {path}", flush=True)
