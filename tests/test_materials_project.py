@@ -156,7 +156,7 @@ def test_cache_hit(root, eform):
     assert not eform.cache_hit and again.cache_hit and again.cache_path == eform.cache_path
     assert again.ids == eform.ids and torch.equal(again.pos64, eform.pos64)
     assert torch.equal(again.y_table, eform.y_table)
-    assert again.load_seconds < 1.0 < eform.load_seconds
+    assert again.load_seconds < eform.load_seconds  # reading the cache beats parsing 150 structures
     small = MPFormationEnergy(root=root, subset=20, data_dir=DATA, progress=False)
     assert not small.cache_hit and small.cache_path != eform.cache_path  # another subset, another file
     fresh = MPFormationEnergy(root=root, subset=20, data_dir=DATA, force_reload=True, progress=False)
