@@ -29,3 +29,19 @@ def test_unreadable_yaml_names_the_file(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         config_data_is_subclass(["--config", str(bad)])
+
+
+def test_crystal_config_trains_through_equiformer_train(tmp_path, capsys):
+    """A `class_path` data section (CrystalDataModule) runs in LightningCLI's subclass mode."""
+    from equiformer.cli import main
+
+    code = main([
+        "train", "--config", str(ROOT / "configs" / "mp" / "crystalformer_e_form.yaml"),
+        "--data.init_args.source", "flla_2015", "--data.init_args.subset", "60",
+        "--data.init_args.root", str(tmp_path / "cache"), "--data.init_args.num_workers", "0",
+        "--data.init_args.pin_memory", "false", "--data.init_args.batch_size", "8",
+        "--trainer.fast_dev_run", "1", "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--trainer.enable_progress_bar", "false",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0 and "val/e_form_mae_meV_atom" in out
