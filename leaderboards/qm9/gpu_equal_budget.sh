@@ -2,8 +2,13 @@
 # One GPU call: Equiformer (ours) and TorchMD-NET ET (peer) trained side by side on the same GPU
 # for the same wall-clock budget, then tested; run from the repository root on the GPU machine.
 #   BUDGET_S=360 OUT=results bash leaderboards/qm9/gpu_equal_budget.sh
-# Needs: the wheels in .whl/ (ase, jsonargparse, torchmd-net) and a processed QM9 file in .carry/qm9/
-# (python -c "from equiformer.datasets.qm9 import QM9, export_compact_qm9; export_compact_qm9(QM9(), '.carry/qm9/qm9_all_compact.safetensors')").
+# Needs (both folders git-ignored via .git/info/exclude, carried with the call):
+#   .carry/qm9/: python -c "from equiformer.datasets.qm9 import QM9, export_compact_qm9; export_compact_qm9(QM9(), '.carry/qm9/qm9_all_compact.safetensors')"
+#   .whl/: pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#            --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#            ase==3.29.0 jsonargparse==4.53.0 docstring-parser typeshed-client
+#          pip wheel --no-deps -w .whl torchmd-net==3.1.0   # pure Python; its Warp kernels are not used
+# The GPU image has torch, e3nn, torch-geometric, lightning, safetensors; not ase or jsonargparse.
 set -u
 BUDGET_S=${BUDGET_S:-360}
 OUT=${OUT:-results}
