@@ -23,6 +23,7 @@ from torch_geometric.data import Data
 
 from equiformer.data.contract import StructureError, make_data
 from equiformer.datasets.trajectories import atoms_arrays
+from equiformer.datasets.splits import resolve_index
 
 __all__ = ["ASEDatabase"]
 
@@ -88,12 +89,7 @@ class ASEDatabase(Dataset):
         return len(self.ids)
 
     def __getitem__(self, i: int) -> Data:
-        n = len(self)
-        i = int(i)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"{self.path}: index {i} out of range for {n} rows")
+        i = resolve_index(i, len(self), f"{self.path}:", "rows")
         row_id = self.ids[i]
         where = f"{self.path}[id={row_id}]"
         try:

@@ -58,6 +58,7 @@ from equiformer.datasets.cache import (
     strings_to_tensor,
     tensors_to_strings,
 )
+from equiformer.datasets.splits import resolve_index
 from equiformer.datasets.targets import TargetInfo
 
 __all__ = [
@@ -573,12 +574,7 @@ class CrystalDataset(Dataset):
         return len(self.ids)
 
     def __getitem__(self, i: int) -> Data:
-        n = len(self)
-        i = int(i)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"{self.NAME} index {i} out of range for {n} structures")
+        i = resolve_index(i, len(self), self.NAME, "structures")
         a, b = self._ptr_list[i], self._ptr_list[i + 1]
         return Data(
             z=self.z[a:b].clone(),

@@ -68,7 +68,7 @@ from equiformer.datasets.cache import (
 )
 from equiformer.datasets.ocp_lmdb import LMDBShards
 from equiformer.datasets.ocp_pickle import ocp_fields
-from equiformer.datasets.splits import DEFAULT_SPLIT_SEED, SizeSpec, random_split_indices, resolve_split_sizes
+from equiformer.datasets.splits import DEFAULT_SPLIT_SEED, SizeSpec, random_split_indices, resolve_index, resolve_split_sizes
 from equiformer.datasets.trajectories import TRAJECTORY_SUFFIXES, read_frames
 
 __all__ = [
@@ -566,12 +566,7 @@ class OC20Trajectories(Dataset):
         )
 
     def __getitem__(self, i: int) -> Data:
-        n = len(self)
-        i = int(i)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"OC20Trajectories index {i} out of range for {n} frames")
+        i = resolve_index(i, len(self), "OC20Trajectories", "frames")
         f, traj, fid = self._items[i]
         return self._frame(f, traj, fid, i)
 
@@ -686,12 +681,7 @@ class OC20RelaxationPairs(Dataset):
         return self.frames.num_trajectories
 
     def __getitem__(self, k: int) -> Data:
-        n = len(self)
-        k = int(k)
-        if k < 0:
-            k += n
-        if not 0 <= k < n:
-            raise IndexError(f"OC20RelaxationPairs index {k} out of range for {n} trajectories")
+        k = resolve_index(k, len(self), "OC20RelaxationPairs", "trajectories")
         fr = self.frames
         first, last = int(fr.traj_frame_ptr[k]), int(fr.traj_frame_ptr[k + 1]) - 1
         data = fr._frame(first, k, 0, k)

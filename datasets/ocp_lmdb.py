@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from equiformer.datasets.ocp_pickle import safe_loads
+from equiformer.datasets.splits import resolve_index
 
 __all__ = ["LMDB_INSTALL_HINT", "LMDBShards", "find_lmdb_files", "require_lmdb", "write_lmdb"]
 
@@ -148,11 +149,7 @@ class LMDBShards:
 
     def locate(self, i: int) -> tuple[int, int]:
         """(shard number, key within the shard) of global index ``i``."""
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"{self.path}: index {i} out of range for {n} entries")
+        i = resolve_index(i, len(self), f"{self.path}:", "entries")
         shard = bisect.bisect_right(self.offsets, i)
         start = self.offsets[shard - 1] if shard else 0
         return shard, i - start

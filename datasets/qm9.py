@@ -61,7 +61,7 @@ from equiformer.datasets.cache import (
     tensor_bytes,
     tensors_to_strings,
 )
-from equiformer.datasets.splits import DEFAULT_SPLIT_SEED, random_split_indices, scaled_split_sizes
+from equiformer.datasets.splits import DEFAULT_SPLIT_SEED, random_split_indices, resolve_index, scaled_split_sizes
 from equiformer.datasets.targets import TargetInfo
 
 #: Hartree in eV (CODATA 2018; identical to ``torch_geometric.datasets.qm9.HAR2EV``)
@@ -532,12 +532,7 @@ class QM9(Dataset):
 
     # -- items -----------------------------------------------------------------------------
     def __getitem__(self, i: int) -> Data:
-        n = len(self)
-        i = int(i)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"QM9 index {i} out of range for {n} molecules")
+        i = resolve_index(i, len(self), "QM9", "molecules")
         a, b = self._ptr_list[i], self._ptr_list[i + 1]
         # clones, not views: a saved or pickled item must not drag the whole table along
         return Data(

@@ -111,3 +111,17 @@ def scaled_split_sizes(n: int, reference_n: int, sizes: Mapping[str, SizeSpec]) 
         else:
             out[name] = max(1 if n >= len(sizes) else 0, int(int(size) * n / reference_n))
     return resolve_split_sizes(n, out)
+
+
+def resolve_index(i: int, n: int, owner: str, items: str) -> int:
+    """``i`` as a position in ``range(n)`` (negative counts from the end).
+
+    Raises ``IndexError("<owner> index <i> out of range for <n> <items>")``, e.g.
+    ``resolve_index(i, len(ds), "QM9", "molecules")``.
+    """
+    j = int(i)
+    if j < 0:
+        j += n
+    if not 0 <= j < n:
+        raise IndexError(f"{owner} index {j} out of range for {n} {items}")
+    return j
