@@ -7,19 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from equiformer.cli import main
 
 FILES = Path(__file__).resolve().parent / "files"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_inspect_crystal_table_matches_pymatgen(capsys):

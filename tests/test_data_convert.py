@@ -28,13 +28,7 @@ SHARED = Path(os.environ.get("EQUIFORMER_SHARED_DATA", Path(__file__).resolve().
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: torch's thread pool only costs time here (and thrashes on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mp_structures(ids: tuple[str, ...]):

@@ -27,12 +27,7 @@ TINY = dict(preset="small", num_layers=1, irreps_node="16x0e+4x1e", irreps_head=
 LEARN_TRAJS = ["random1000100", "random1000187", "random1000120"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _need(path: Path) -> Path:

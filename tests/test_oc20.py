@@ -28,12 +28,7 @@ SMALL_TRAJS = ["random1000156", "random1000163"]
 lmdb = pytest.importorskip("lmdb")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _need(path: Path) -> Path:
