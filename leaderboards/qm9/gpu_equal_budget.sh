@@ -19,9 +19,12 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 [ -e equiformer/tasks ] || ln -s ../tasks equiformer/tasks
 mkdir -p /tmp/qm9 "$OUT" && cp .carry/qm9/*.safetensors /tmp/qm9/
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 leaderboards/qm9/equal_budget.py --model equiformer --budget-s "$BUDGET_S" --root /tmp/qm9 \
-  --num-workers 6 --out "$OUT" --ckpt-dir /tmp/ckpt/equiformer --export qm9-equiformer > "$OUT/equiformer.log" 2>&1 &
-python3 leaderboards/qm9/equal_budget.py --model torchmdnet_et --budget-s "$BUDGET_S" --root /tmp/qm9 \
-  --num-workers 6 --out "$OUT" --ckpt-dir /tmp/ckpt/torchmdnet_et > "$OUT/torchmdnet_et.log" 2>&1 &
-wait
+# MODELS="equiformer torchmdnet_et" (default) trains them one after the other, each alone on the GPU
+# (so each gets the whole GPU for BUDGET_S seconds); one model per call fits the 10-minute call limit.
+for model in ${MODELS:-equiformer torchmdnet_et}; do
+  export_arg=""
+  [ "$model" = equiformer ] && export_arg="--export qm9-equiformer"
+  python3 leaderboards/qm9/equal_budget.py --model "$model" --budget-s "$BUDGET_S" --root /tmp/qm9 \
+    --num-workers 8 --out "$OUT" --ckpt-dir "/tmp/ckpt/$model" $export_arg > "$OUT/$model.log" 2>&1
+done
 grep -h "probe\|training\|exported\|Error\|error" "$OUT"/*.log | grep -v Warning
