@@ -1,6 +1,7 @@
 """Train and evaluate n-body models at an equal step budget; print a markdown table.
 
     python leaderboards/nbody/run.py --models gatr transformer egnn --steps 5000 --device cuda --out results.json
+    python leaderboards/nbody/run.py --steps 5000 --budget-s 330 --device cuda --out results.json  # fit a time budget
 
 Each model is trained from its ``configs/nbody/<model>.yaml`` (command-line values override the
 config: steps, batch size, data sizes, device), the checkpoint with the lowest ``val/mse`` is
@@ -8,6 +9,15 @@ kept (the paper's early stopping) and evaluated on ``test`` (in distribution), `
 (5 planets instead of 3) and ``shifted`` (translated +200 along x). The "no motion" row
 (final position = initial position) is the trivial reference. MSE is the mean over bodies and
 coordinates of the squared position error.
+
+``--budget-s`` (a wall-clock budget for training all models, e.g. one GPU call): every model is
+first timed for ``--probe-steps`` optimizer steps (forward, backward, clipping, AdamW; after a
+warm-up) and one evaluation batch; if ``--steps`` steps of every model (plus validation and
+testing) do not fit the budget, all models get the same smaller number of steps (a multiple of
+100, validation every fifth of it), so the comparison stays at equal steps. The probe and the
+decision are stored under ``"budget"`` in the JSON. Each model also gets a hard ``max_time``
+(twice its planned time + 30 s, cut so that all models end by ``--deadline-s``, default 1.25 x the budget) so a bad
+estimate cannot overrun the call; a model stopped by it has ``steps < planned_steps``.
 """
 
 from __future__ import annotations
@@ -47,6 +57,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--run-dir", default="runs/nbody", help="checkpoints and CSV logs")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="wall-clock seconds for training + evaluating all models; scales --steps down (equally) if needed")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="with --budget-s: seconds after start by which every model stops training (default 1.25 x budget)")
+    p.add_argument("--probe-steps", type=int, default=20, help="timed steps per model for --budget-s")
     return p.parse_args(argv)
 
 
@@ -101,6 +116,8 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], Any]
     run_dir = Path(args.run_dir) / name
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor="val/mse", mode="min", save_top_k=1,
                            filename="best-{step}")
+    if getattr(args, "max_time_s", None):
+        trainer_kw["max_time"] = {"seconds": float(args.max_time_s[name])}
     trainer = L.Trainer(**trainer_kw, accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1,
                         default_root_dir=str(run_dir), callbacks=[ckpt], logger=CSVLogger(str(run_dir), name="csv"),
                         enable_progress_bar=False, enable_model_summary=False)
@@ -117,6 +134,7 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], Any]
         "model_kwargs": dict(task.hparams.model_kwargs),
         "parameters": sum(p.numel() for p in task.model.parameters()),
         "steps": int(trainer.global_step),
+        "planned_steps": int(cfg["trainer"]["max_steps"]),
         "train_size": dm.sizes["train"],
         "train_seconds": round(train_s, 1),
         "data_seconds": round(t_data, 1),
@@ -125,6 +143,103 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], Any]
         **{f"{s}_mse": metrics.get(f"{s}/mse") for s in SETS},
     }
     return row, dm
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def probe(name: str, args: argparse.Namespace, warmup: int = 5) -> dict[str, float]:
+    """Seconds per training step (forward, backward, clipping, AdamW) and per evaluation batch of ``name``."""
+    from equiformer.tasks.nbody import NBodyDataModule, NBodyTask
+
+    cfg = _config(name, args)
+    dm = NBodyDataModule(**cfg["data"])
+    dm.prepare_data()  # generates (and caches) every split the runs will use
+    dm.setup("fit")
+    device = torch.device(args.device)
+    task = NBodyTask(**cfg["model"]).to(device)
+    opt = torch.optim.AdamW(task.parameters(), lr=cfg["model"].get("lr", 3e-4))
+    clip = float(cfg["trainer"].get("gradient_clip_val") or 0.0)
+    train = [b.to(device) for _, b in zip(range(warmup + args.probe_steps), iter(dm.train_dataloader()))]
+    while len(train) < warmup + args.probe_steps:  # tiny training sets: reuse batches
+        train.extend(train[: warmup + args.probe_steps - len(train)])
+    val = next(iter(dm.val_dataloader())).to(device)
+
+    def step(batch) -> None:
+        loss = task._mse(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(task.parameters(), clip)
+        opt.step()
+
+    for b in train[:warmup]:
+        step(b)
+    _sync(args.device)
+    t0 = time.perf_counter()
+    for b in train[warmup:]:
+        step(b)
+    _sync(args.device)
+    step_s = (time.perf_counter() - t0) / args.probe_steps
+    task.eval()
+    with torch.no_grad():
+        task._mse(val)
+        _sync(args.device)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            task._mse(val)
+        _sync(args.device)
+    eval_s = (time.perf_counter() - t0) / 3
+    del task, opt
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {"step_s": step_s, "eval_batch_s": eval_s}
+
+
+#: Lightning's per-step bookkeeping (logging, callbacks, scheduler) on top of the bare step
+LIGHTNING_OVERHEAD = 1.15
+#: the models together stop training (Lightning max_time) by this multiple of --budget-s
+HARD_LIMIT = 1.25
+#: fixed seconds per model: trainer set-up, checkpoint writing, data loading, test set-up
+FIXED_S = 8.0
+
+
+def plan_steps(args: argparse.Namespace) -> dict[str, Any]:
+    """Probe every model and choose a common step count that fits ``args.budget_s`` (see module docstring)."""
+    requested = args.steps or int(yaml.safe_load((Path(args.config_dir) / f"{args.models[0]}.yaml").read_text())
+                                  ["trainer"]["max_steps"])
+    probes, t_probe = {}, time.perf_counter()
+    for name in args.models:
+        probes[name] = probe(name, args)
+        print(f"probe {name}: {1e3 * probes[name]['step_s']:.1f} ms/step, "
+              f"{1e3 * probes[name]['eval_batch_s']:.1f} ms/eval batch", flush=True)
+    probe_s = time.perf_counter() - t_probe
+    cfg0 = _config(args.models[0], args)["data"]
+    eval_batches = math.ceil(cfg0["val_size"] / cfg0["eval_batch_size"])
+    test_batches = 3 * math.ceil(cfg0["test_size"] / cfg0["eval_batch_size"])
+
+    def planned(name: str, steps: int) -> float:
+        p = probes[name]
+        n_val = 5 + 1  # five validations (every fifth of the run) + the sanity check
+        return (FIXED_S + LIGHTNING_OVERHEAD * steps * p["step_s"]
+                + p["eval_batch_s"] * (n_val * eval_batches + test_batches))
+
+    budget = args.budget_s - probe_s
+    steps = requested
+    if sum(planned(n, steps) for n in args.models) > budget:
+        per_step = sum(LIGHTNING_OVERHEAD * probes[n]["step_s"] for n in args.models)
+        fixed = sum(planned(n, 0) for n in args.models)
+        steps = max(100, int((budget - fixed) / per_step) // 100 * 100) if requested >= 100 else requested
+        steps = min(steps, requested)
+    plan = {
+        "budget_s": args.budget_s, "probe_s": round(probe_s, 1), "requested_steps": requested, "steps": steps,
+        "scaled": steps < requested, "probe": probes,
+        "planned_s": {n: round(planned(n, steps), 1) for n in args.models},
+    }
+    print(f"plan: {steps} steps (requested {requested}); planned seconds {plan['planned_s']}", flush=True)
+    return plan
 
 
 def _fmt(x: float | None) -> str:
@@ -158,8 +273,21 @@ def main(argv: list[str] | None = None) -> int:
             print("run.py: error: --device cuda but no CUDA device is visible", file=sys.stderr)
             return 2
         torch.set_float32_matmul_precision("high")
+    plan = None
+    if args.budget_s:
+        plan = plan_steps(args)
+        if plan["scaled"]:
+            args.val_every = max(1, plan["steps"] // 5)
+        args.steps = plan["steps"]
+        deadline = time.perf_counter() - plan["probe_s"] + (args.deadline_s or HARD_LIMIT * args.budget_s)
     rows, no_motion = [], None
-    for name in args.models:
+    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+           "python": platform.python_version()}
+    for k, name in enumerate(args.models):
+        if plan is not None:  # hard stop: 2x the plan, never past the deadline minus the later models' plans
+            later = sum(plan["planned_s"][n] for n in args.models[k + 1:])
+            left = deadline - time.perf_counter() - later
+            args.max_time_s = {name: max(min(2.0 * plan["planned_s"][name] + 30.0, left), 0.5 * plan["planned_s"][name])}
         try:
             row, dm = run_model(name, args)
         except (FileNotFoundError, ValueError) as e:
@@ -169,12 +297,11 @@ def main(argv: list[str] | None = None) -> int:
         if no_motion is None:
             no_motion = no_motion_mse(dm)
         print(json.dumps(row), flush=True)
-    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
-           "python": platform.python_version()}
-    table = markdown_table(rows, no_motion)
-    out = {"rows": rows, "no_motion": no_motion, "paper_mse": PAPER_MSE, "env": env, "args": vars(args), "table": table}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+        table = markdown_table(rows, no_motion)
+        out = {"rows": rows, "no_motion": no_motion, "paper_mse": PAPER_MSE, "env": env, "args": vars(args),
+               "budget": plan, "table": table}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2))  # after every model: a late failure keeps the rest
     print(table)
     return 0
 
