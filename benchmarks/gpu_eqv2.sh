@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# One GPU call (< 10 min): EquiformerV2, ours vs fairchem-core 1.10.0, training steps of the paper's
+# 31M model (and 153M if time is left) on the same OC20-like batch, plus a short energy+force
+# training of a small EquiformerV2 on the 30 real OC20 relaxation trajectories.
+# Run from the repository root on the GPU machine, carrying .fcwhl, .whl and .carry_oc20:
+#   OUT=$OUT bash benchmarks/gpu_eqv2.sh
+# Carried folders (git-ignored via .git/info/exclude), built on the dev box with:
+#   .fcwhl/: pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#              --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#              -d .fcwhl fairchem-core==1.10.0 lmdb==3.0.0          # ~1 MB
+#   .whl/:   see leaderboards/qm9/gpu_equal_budget.sh (ase is the one fairchem needs from it)
+#   .carry_oc20/: cp ../shared/data/oc20/oc20_relaxation_trajectories.tar.gz .carry_oc20/   # 13.7 MB
+# fairchem's other imports that the model never calls (torch_scatter, matplotlib, huggingface_hub,
+# pydantic) are stubbed at run time by benchmarks/peer_fairchem.py.
+# Env: STAGES (default "bench31 train bench153"), TRAIN_S (training wall-clock cap, default 200),
+#      TRAIN_EPOCHS (default 4: the cosine schedule's length), TRAIN_EXTRA (more CLI overrides),
+#      SITE (wheel install folder, default /tmp/site), SKIP_INSTALL=1 (dev box: no wheels, no symlinks).
+set -u
+OUT=${OUT:-results}
+STAGES=${STAGES:-"bench31 train bench153"}
+TRAIN_S=${TRAIN_S:-200}
+TRAIN_EPOCHS=${TRAIN_EPOCHS:-4}
+SITE=${SITE:-/tmp/site}
+mkdir -p "$OUT"
+[ "${SKIP_INSTALL:-0}" = 1 ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .fcwhl/*.whl .whl/*.whl || exit 1
+export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1
+[ "${SKIP_INSTALL:-0}" = 1 ] || [ -e equiformer/datasets ] || ln -s ../datasets equiformer/datasets
+[ "${SKIP_INSTALL:-0}" = 1 ] || [ -e equiformer/tasks ] || ln -s ../tasks equiformer/tasks
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+echo "setup done at ${SECONDS}s"
+
+for stage in $STAGES; do
+  case $stage in
+  bench31)
+    # the paper's 31M S2EF model at its per-GPU batch of 8 (configs/s2ef/all/equiformer_v2/..._31M.yml)
+    timeout $((560 - SECONDS)) python3 benchmarks/bench_equiformer_v2.py --impl both --presets 31M --batch 8 \
+      --precisions fp32 tf32 bf16 --warmup 3 --repeats 10 \
+      --out "$OUT/eqv2_31M.json" --markdown "$OUT/eqv2_31M.md" > "$OUT/bench31.log" 2>&1
+    echo "bench31 exit $? at ${SECONDS}s"; cat "$OUT/eqv2_31M.md" 2>/dev/null || tail -5 "$OUT/bench31.log"
+    ;;
+  bench153)
+    # the paper's 153M model at its per-GPU batch of 4; only when enough of the call is left
+    if [ $SECONDS -lt 380 ]; then
+      timeout $((570 - SECONDS)) python3 benchmarks/bench_equiformer_v2.py --impl both --presets 153M --batch 4 \
+        --precisions fp32 tf32 bf16 --warmup 2 --repeats 6 --child-timeout $(((570 - SECONDS) / 2)) \
+        --out "$OUT/eqv2_153M.json" --markdown "$OUT/eqv2_153M.md" > "$OUT/bench153.log" 2>&1
+      echo "bench153 exit $? at ${SECONDS}s"; cat "$OUT/eqv2_153M.md" 2>/dev/null || tail -5 "$OUT/bench153.log"
+    else
+      echo "bench153 skipped: ${SECONDS}s used"
+    fi
+    ;;
+  train)
+    # small EquiformerV2, energy + direct forces, on the real OC20 trajectories (split by trajectory,
+    # configs/oc20/equiformer_v2_small_s2ef_trajectories.yaml), capped at TRAIN_S seconds of fitting:
+    # validation before and after, then test.
+    mkdir -p /tmp/eqv2_oc20
+    # shellcheck disable=SC2086
+    timeout $((TRAIN_S + 150)) python3 - --config configs/oc20/equiformer_v2_small_s2ef_trajectories.yaml \
+      --data.init_args.source .carry_oc20/oc20_relaxation_trajectories.tar.gz --data.init_args.root /tmp/eqv2_oc20/data \
+      --data.init_args.num_workers 8 --trainer.default_root_dir /tmp/eqv2_oc20/run --trainer.enable_progress_bar false \
+      --trainer.max_epochs "$TRAIN_EPOCHS" --trainer.max_time "00:00:00:$TRAIN_S" --model.max_epochs "$TRAIN_EPOCHS" \
+      ${TRAIN_EXTRA:-} > "$OUT/train_oc20.log" 2>&1 <<'PY'
+import json, os, sys, time
+import torch
+from equiformer.tasks.energy_force_cli import EnergyForceCLI
+
+out_dir = os.environ.get("OUT", "results")
+argv, sys.argv = sys.argv[1:], sys.argv[:1]
+cli = EnergyForceCLI(args=argv, run=False)
+trainer, task, dm = cli.trainer, cli.model, cli.datamodule
+t0 = time.time()
+res = {"argv": argv, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+res["val_start"] = trainer.validate(task, datamodule=dm, verbose=False)[0]
+t1 = time.time()
+trainer.fit(task, datamodule=dm)
+res["fit_s"] = round(time.time() - t1, 1)
+res["epochs"] = trainer.current_epoch
+res["steps"] = trainer.global_step
+res["val_end"] = trainer.validate(task, datamodule=dm, verbose=False)[0]
+res["test"] = trainer.test(task, datamodule=dm, verbose=False)[0]
+res["total_s"] = round(time.time() - t0, 1)
+res["split_frames"] = {k: len(dm.split_dataset(k)) for k in ("train", "val", "test")}
+with open(os.path.join(out_dir, "train_oc20.json"), "w") as f:
+    json.dump(res, f, indent=1)
+k = "force_mae_meV_per_A"
+print(f"OC20 trajectories, small EquiformerV2: {res['steps']} steps / {res['epochs']} epochs in {res['fit_s']} s")
+print(f"val force MAE (meV/A): start {res['val_start']['val/' + k]:.1f} -> end {res['val_end']['val/' + k]:.1f}")
+print(f"val energy MAE (meV): start {res['val_start']['val/energy_mae_meV']:.0f} -> end {res['val_end']['val/energy_mae_meV']:.0f}")
+print(f"test: force MAE {res['test']['test/' + k]:.1f} meV/A, energy MAE {res['test']['test/energy_mae_meV']:.0f} meV, "
+      f"force cos {res['test']['test/force_cos']:.3f}")
+PY
+    echo "train exit $? at ${SECONDS}s"; grep -E "^(OC20|val |test:)|Error" "$OUT/train_oc20.log" | tail -8
+    ;;
+  *) echo "unknown stage $stage" ;;
+  esac
+done
+echo "total ${SECONDS}s"
