@@ -18,6 +18,8 @@ channels flattened (``16 C``) plus the value scalars.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,7 +30,21 @@ __all__ = ["INNER_BLADES", "attention_features", "geometric_attention", "SelfAtt
 
 INNER_BLADES = (0, 2, 3, 4, 8, 9, 10, 14)  # blades without e0: the invariant inner product
 _W = 14  # e123
-_O = (11, 12, 13)  # e012, e013, e023
+_O = (11, 12, 13)  # e012, e013, e023 (contiguous: sliced, not gathered)
+
+
+@functools.lru_cache(maxsize=None)
+def _inner_index(device: torch.device) -> torch.Tensor:
+    # one index tensor per device: indexing with a Python list would build it (and copy it to
+    # the GPU) on every call
+    with torch.inference_mode(False):
+        return torch.tensor(INNER_BLADES, device=device)
+
+
+def _inner_blades(device: torch.device) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return torch.tensor(INNER_BLADES, device=device)
+    return _inner_index(device)
 
 
 def attention_features(
@@ -38,10 +54,10 @@ def attention_features(
 
     ``role`` is ``"query"`` or ``"key"`` (the distance features are asymmetric).
     """
-    parts = [mv[..., list(INNER_BLADES)].flatten(-2)]
+    parts = [mv.index_select(-1, _inner_blades(mv.device)).flatten(-2)]
     if distance:
         w = mv[..., _W : _W + 1]
-        o = mv[..., list(_O)]
+        o = mv[..., _O[0] : _O[-1] + 1]
         o2 = (o * o).sum(-1, keepdim=True)
         if role == "query":
             feat = torch.cat([w * w, o2, w * o], dim=-1)
@@ -81,8 +97,8 @@ def geometric_attention(
     width = -(-max(d_qk, d_v) // 8) * 8
     q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=d_qk**-0.5)
-    out_mv = out[..., : 16 * c_v].unflatten(-1, (c_v, 16))
-    return out_mv, out[..., 16 * c_v : 16 * c_v + s_v]
+    out_mv, out_s, _ = out.split([16 * c_v, s_v, width - 16 * c_v - s_v], dim=-1)
+    return out_mv.unflatten(-1, (c_v, 16)), out_s
 
 
 class SelfAttention(nn.Module):
@@ -129,7 +145,7 @@ class SelfAttention(nn.Module):
                 raise ValueError(f"mask must have shape {(*lead, n)} (items), got {tuple(mask.shape)}")
             attn_mask = mask.reshape(-1, 1, 1, n).to(torch.bool)
         o_mv, o_s = geometric_attention(
-            qkv_mv[0], qkv_mv[1], qkv_mv[2], qkv_s[0], qkv_s[1], qkv_s[2],
+            *qkv_mv.unbind(0), *qkv_s.unbind(0),  # unbind: one stack in backward instead of three select_backwards
             mask=attn_mask, distance=self.distance, dropout_p=self.dropout if self.training else 0.0,
         )
         o_mv = o_mv.permute(0, 2, 1, 3, 4).reshape(*lead, n, h * cm, 16)

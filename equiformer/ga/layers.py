@@ -75,12 +75,64 @@ def _empty_scalars(mv: torch.Tensor) -> torch.Tensor:
     return mv.new_zeros(*mv.shape[:-2], 0)
 
 
+def _equilinear_layout(in_mv: int, out_mv: int, in_s: int, out_s: int, bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each parameter of an :class:`EquiLinear` lands in its fused ``[out, in (+1)]`` matrix.
+
+    The parameters, flattened and concatenated in the order ``weight, s2mv, mv2s, s2s, bias_mv,
+    bias_s`` (those that exist), form ``theta``; the fused matrix ``W`` (rows: ``out_mv*16 + out_s``
+    outputs; columns: ``in_mv*16 + in_s`` inputs, then one bias column if ``bias``) is zero except
+    ``W.flatten()[dst] = theta[src] * sign``. Every basis map puts its weight on a different
+    (input blade, output blade) entry, so ``dst`` has no repeats. Returns ``(src, dst, sign)``.
+    """
+    basis = _BASIS  # [9, 16 (x, in), 16 (y, out)]
+    b_idx, x_idx, y_idx = basis.nonzero(as_tuple=True)
+    if len(set(zip(x_idx.tolist(), y_idx.tolist()))) != len(b_idx):  # each (x, y) entry of at most one map
+        raise AssertionError("equivariant basis maps overlap; the fused layout needs disjoint supports")
+    n_in, n_out = in_mv * 16 + in_s, out_mv * 16 + out_s
+    cols = n_in + (1 if bias else 0)
+    src, dst, sign = [], [], []
+    o = torch.arange(out_mv)[:, None, None]
+    i = torch.arange(in_mv)[None, :, None]
+    # weight [out_mv, in_mv, 9]: W[o*16 + y, i*16 + x] = weight[o, i, b] * B[b, x, y]
+    src.append(((o * in_mv + i) * NUM_BASIS + b_idx).reshape(-1))
+    dst.append(((o * 16 + y_idx) * cols + i * 16 + x_idx).reshape(-1))
+    sign.append(basis[b_idx, x_idx, y_idx].expand(out_mv, in_mv, -1).reshape(-1))
+    offset = out_mv * in_mv * NUM_BASIS
+
+    def block(rows: torch.Tensor, cols_: torch.Tensor) -> None:  # a dense parameter [len(rows), len(cols_)]
+        nonlocal offset
+        r, c = rows[:, None], cols_[None, :]
+        src.append(offset + torch.arange(r.numel() * c.numel()))
+        dst.append((r * cols + c).reshape(-1))
+        sign.append(torch.ones(r.numel() * c.numel(), dtype=torch.float64))
+        offset += r.numel() * c.numel()
+
+    mv_scalar_rows = torch.arange(out_mv) * 16  # output blade 0 of each mv channel
+    s_rows = out_mv * 16 + torch.arange(out_s)
+    if in_s:
+        block(mv_scalar_rows, in_mv * 16 + torch.arange(in_s))  # s2mv [out_mv, in_s]
+    if out_s:
+        block(s_rows, torch.arange(in_mv) * 16)  # mv2s [out_s, in_mv]: input blade 0
+    if in_s and out_s:
+        block(s_rows, in_mv * 16 + torch.arange(in_s))  # s2s [out_s, in_s]
+    if bias:
+        block(mv_scalar_rows, torch.tensor([n_in]))  # bias_mv [out_mv]
+        if out_s:
+            block(s_rows, torch.tensor([n_in]))  # bias_s [out_s]
+    return torch.cat(src), torch.cat(dst), torch.cat(sign)
+
+
 class EquiLinear(nn.Module):
     """Equivariant linear map ``(mv [..., in_mv, 16], s [..., in_s]) -> (mv [..., out_mv, 16], s [..., out_s])``.
 
     ``mv_out[o] = sum_i sum_b w[o, i, b] B_b(mv[i])`` over the 9 basis maps, plus
     ``W_s2mv s`` and a bias on the scalar component; ``s_out = W_ss s + W_mv2s <mv>_0 + b``.
     Only the grade-0 component feeds the scalars (the pseudoscalar is not reflection-invariant).
+
+    Computed as one ``F.linear`` of ``[mv.flatten(), s]`` with a fused
+    ``[out_mv*16 + out_s, in_mv*16 + in_s]`` matrix (and bias) scattered from all parameters in
+    one indexing operation (:func:`_equilinear_layout`): a handful of kernels per layer instead of
+    one per coupling, which matters for small inputs where kernel launches dominate.
     """
 
     def __init__(self, in_mv: int, out_mv: int, in_s: int = 0, out_s: int = 0, bias: bool = True) -> None:
@@ -94,6 +146,12 @@ class EquiLinear(nn.Module):
         self.s2s = nn.Parameter(torch.empty(out_s, in_s)) if (in_s and out_s) else None
         self.bias_mv = nn.Parameter(torch.zeros(out_mv)) if bias else None
         self.bias_s = nn.Parameter(torch.zeros(out_s)) if (bias and out_s) else None
+        src, dst, sign = _equilinear_layout(in_mv, out_mv, in_s, out_s, bias)
+        # not in the state dict (derived from the sizes); follow .to(device) / .double()
+        self.register_buffer("_src", src, persistent=False)
+        self.register_buffer("_dst", dst, persistent=False)
+        self.register_buffer("_sign", sign.to(torch.get_default_dtype()), persistent=False)
+        self._unit_signs = bool((sign == 1).all())  # true for this basis (e0 x keeps the sign): skip the multiply
         self.reset_parameters()
 
     @torch.no_grad()
@@ -111,37 +169,38 @@ class EquiLinear(nn.Module):
         if self.s2s is not None:
             self.s2s.normal_(0.0, math.sqrt(mix / self.in_s))
 
+    def fused_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W [out_mv*16 + out_s, in_mv*16 + in_s], bias [out_mv*16 + out_s] | None)`` for ``F.linear``."""
+        params = [p for p in (self.weight, self.s2mv, self.mv2s, self.s2s, self.bias_mv, self.bias_s) if p is not None]
+        theta = torch.cat([p.reshape(-1) for p in params])
+        n_out, n_in = self.out_mv * 16 + self.out_s, self.in_mv * 16 + self.in_s
+        cols = n_in + (1 if self.bias_mv is not None else 0)
+        vals = theta[self._src] if self._unit_signs else theta[self._src] * self._sign.to(theta.dtype)
+        w = theta.new_zeros(n_out * cols).index_put((self._dst,), vals).view(n_out, cols)
+        if self.bias_mv is None:
+            return w, None
+        w, b = w.split([n_in, 1], dim=1)  # split, not slicing: its backward is one cat, not zeros + copy per slice
+        return w, b.squeeze(1)
+
     def dense_kernel(self) -> torch.Tensor:
-        """The multivector part as one ``[in_mv*16, out_mv*16]`` matrix."""
-        basis = equi_linear_basis(self.weight.device, self.weight.dtype)
-        k = torch.einsum("oib,bxy->ixoy", self.weight, basis)
-        return k.reshape(self.in_mv * 16, self.out_mv * 16)
+        """The multivector part as one ``[in_mv*16, out_mv*16]`` matrix (``mv.flatten() @ kernel``)."""
+        w, _ = self.fused_weight()
+        return w[: self.out_mv * 16, : self.in_mv * 16].t()
 
     def forward(self, mv: torch.Tensor, s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if mv.shape[-2:] != (self.in_mv, 16):
             raise ValueError(f"EquiLinear expects multivectors [..., {self.in_mv}, 16], got {tuple(mv.shape)}")
-        if s is None:
-            s = _empty_scalars(mv)
-        if s.shape[-1] != self.in_s:
+        if s is not None and s.shape[-1] != self.in_s:
             raise ValueError(f"EquiLinear expects scalars [..., {self.in_s}], got {tuple(s.shape)}")
+        if s is None and self.in_s:
+            raise ValueError(f"EquiLinear expects scalars [..., {self.in_s}], got None")
         lead = mv.shape[:-2]
-        out = (mv.reshape(*lead, self.in_mv * 16) @ self.dense_kernel()).reshape(*lead, self.out_mv, 16)
-        extra = None
-        if self.s2mv is not None:
-            extra = s @ self.s2mv.t()
-        if self.bias_mv is not None:
-            extra = self.bias_mv if extra is None else extra + self.bias_mv
-        if extra is not None:
-            out = out + F.pad(extra.unsqueeze(-1), (0, 15)).expand_as(out)
-        if self.out_s:
-            s_out = mv[..., 0] @ self.mv2s.t()
-            if self.s2s is not None:
-                s_out = s_out + s @ self.s2s.t()
-            if self.bias_s is not None:
-                s_out = s_out + self.bias_s
-        else:
-            s_out = out.new_zeros(*lead, 0)
-        return out, s_out
+        x = mv.reshape(*lead, self.in_mv * 16)
+        if self.in_s:
+            x = torch.cat([x, s.expand(*lead, self.in_s)], dim=-1)
+        w, b = self.fused_weight()
+        out_mv, out_s = F.linear(x, w, b).split([self.out_mv * 16, self.out_s], dim=-1)
+        return out_mv.unflatten(-1, (self.out_mv, 16)), out_s
 
     def extra_repr(self) -> str:
         return f"mv {self.in_mv}->{self.out_mv}, s {self.in_s}->{self.out_s}"
