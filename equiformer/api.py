@@ -10,6 +10,10 @@ Inputs may be SMILES strings (3D geometry from RDKit ETKDG + MMFF), structure fi
 ``ase.Atoms``, pymatgen ``Structure``/``Molecule``, RDKit ``Mol`` or PyG ``Data`` of the
 data contract. Values come in each property's unit, named in the column (``"homo (eV)"``).
 
+Crystals (CIF, POSCAR, extxyz with a lattice, pymatgen ``Structure``, periodic ``ase.Atoms``) go to
+the Materials Project models :data:`DEFAULT_CRYSTAL_MODELS` (formation energy per atom in
+eV/atom, PBE band gap in eV): ``Predictor.from_pretrained(DEFAULT_CRYSTAL_MODELS).predict("NaCl.cif")``.
+
 The model's applicability domain is enforced: an element the model never saw in training
 (e.g. Cl for QM9, which holds only H, C, N, O, F) or a periodic structure given to a molecular
 model is refused (``on_unknown="raise"``, the default) or gives a warning and a NaN row
@@ -35,6 +39,9 @@ FILE_SUFFIXES = (".xyz", ".extxyz", ".sdf", ".mol", ".mol2", ".pdb", ".cif", ".v
 FILE_NAMES = ("POSCAR", "CONTCAR")
 
 DEFAULT_MODEL = "qm9-equiformer"
+#: Shipped crystal models used for periodic inputs when no model is named (``equiformer predict NaCl.cif``):
+#: formation energy per atom (eV/atom) and PBE band gap (eV), trained on Materials Project structures.
+DEFAULT_CRYSTAL_MODELS: tuple[str, ...] = ("mp-eform", "mp-gap")
 
 
 class ExtrapolationWarning(UserWarning):
@@ -73,6 +80,15 @@ def _symbols(zs: Iterable[int]) -> str:
     return ", ".join(CHEMICAL_SYMBOLS[int(z)] for z in sorted(set(int(z) for z in zs)))
 
 
+def is_periodic(data: Any) -> bool:
+    """True when ``data`` (contract ``Data``) is periodic in all three directions with a non-degenerate cell."""
+    pbc = getattr(data, "pbc", None)
+    cell = getattr(data, "cell", None)
+    if pbc is None or cell is None or not bool(torch.as_tensor(pbc).all()):
+        return False
+    return abs(float(torch.linalg.det(torch.as_tensor(cell, dtype=torch.float64).view(3, 3)))) > 1e-6
+
+
 def column_name(target: Mapping[str, Any]) -> str:
     """DataFrame column of a target: ``"homo (eV)"``, or just the name when unitless."""
     unit = target.get("unit") or ""
@@ -105,6 +121,8 @@ def to_structures(item: Any, index: int = 0, seed: int = 0) -> list[Structure]:
     """
     from equiformer import data as eqdata
 
+    if isinstance(item, Structure):  # already converted (e.g. by the CLI, to pick a model per input)
+        return [item]
     if isinstance(item, (str, os.PathLike)):
         s = os.fspath(item)
         p = Path(s).expanduser()
@@ -129,7 +147,7 @@ def to_structures(item: Any, index: int = 0, seed: int = 0) -> list[Structure]:
             raise ValueError(f"input {index}: a Data object needs 'z' and 'pos' fields (the data contract)")
         label = getattr(item, "source", None) or getattr(item, "name", None) or f"Data[{index}]"
         return [Structure(str(label), item)]
-    if mod.startswith("ase"):
+    if mod.startswith("ase") or _is_ase_atoms(item):  # pymatgen's MSONAtoms subclasses ase.Atoms
         return [Structure(f"Atoms[{index}]:{item.get_chemical_formula()}", eqdata.from_ase(item, properties=False))]
     if mod.startswith("pymatgen"):
         name = type(item).__name__
@@ -149,6 +167,11 @@ def to_structures(item: Any, index: int = 0, seed: int = 0) -> list[Structure]:
         f"input {index}: cannot predict for a {type(item).__module__}.{type(item).__name__}; give a SMILES string, "
         "a file path, ase.Atoms, a pymatgen Structure/Molecule, an RDKit Mol or a torch_geometric Data"
     )
+
+
+def _is_ase_atoms(item: Any) -> bool:
+    """True for ``ase.Atoms`` and its subclasses (e.g. pymatgen's ``MSONAtoms``), without importing ase."""
+    return any(c.__name__ == "Atoms" and c.__module__.startswith("ase.") for c in type(item).__mro__)
 
 
 def _clean(data: Any, dtype: torch.dtype) -> Any:
@@ -200,6 +223,10 @@ class LoadedModel:
         pbc = getattr(data, "pbc", None)
         if self.domain.get("periodic") is False and pbc is not None and bool(torch.as_tensor(pbc).any()):
             return f"is periodic, but model {self.name!r} was trained on isolated molecules ({ds})"
+        if self.domain.get("periodic") is True and not is_periodic(data):
+            flags = "none" if pbc is None else str([bool(v) for v in torch.as_tensor(pbc).view(-1).tolist()])
+            return (f"is not periodic in all three directions (pbc {flags}), but model {self.name!r} was trained on "
+                    f"bulk crystals ({ds}); give a structure with a unit cell (CIF, POSCAR, extxyz with Lattice)")
         return None
 
     def extrapolation(self, data: Any) -> str | None:

@@ -1,8 +1,13 @@
-"""`equiformer predict`: properties of molecules from SMILES strings or structure files.
+"""`equiformer predict`: properties of molecules or crystals from SMILES strings or structure files.
+
+Without ``--model``, molecules go to the QM9 model and periodic structures (CIF, POSCAR, extxyz
+with a lattice, pymatgen JSON) to the Materials Project models (formation energy per atom in
+eV/atom, PBE band gap in eV).
 
 Examples::
 
     equiformer predict "CCO"
+    equiformer predict NaCl.cif POSCAR
     equiformer predict water.xyz many.sdf --format csv --output props.csv
     equiformer predict "c1ccccc1" --model qm9-equiformer --format json
     equiformer predict --list-models
@@ -15,17 +20,21 @@ import sys
 
 HELP = "predict properties of molecules (SMILES, XYZ, SDF) or crystals (CIF, POSCAR) with a shipped model"
 DEFAULT_MODEL = "qm9-equiformer"  # kept equal to equiformer.api.DEFAULT_MODEL (not imported: keep startup fast)
+DEFAULT_CRYSTAL_MODELS = ("mp-eform", "mp-gap")  # = equiformer.api.DEFAULT_CRYSTAL_MODELS
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.epilog = (
         "Inputs are SMILES strings (3D geometry from RDKit ETKDG + MMFF) or files: xyz, extxyz, sdf/mol "
-        "(every molecule), cif, POSCAR/CONTCAR. Values are in the unit each column names."
+        "(every molecule), cif, POSCAR/CONTCAR, extxyz with a lattice, pymatgen JSON. Crystals get the formation "
+        "energy per atom (eV/atom) and band gap (eV) of the Materials Project models. Values are in the unit each "
+        "column names."
     )
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="SMILES string or structure file")
     parser.add_argument(
         "--model", "-m", action="append", metavar="NAME",
-        help=f"shipped model name or path to its .json (default {DEFAULT_MODEL}); repeat to merge several",
+        help=f"shipped model name or path to its .json (default: {DEFAULT_MODEL} for molecules, "
+        f"{' + '.join(DEFAULT_CRYSTAL_MODELS)} for crystals); repeat to merge several",
     )
     parser.add_argument("--format", "-f", choices=("table", "json", "csv"), default="table", help="output format (default table)")
     parser.add_argument("--output", "-o", metavar="FILE", help="write the result to FILE instead of standard output")
@@ -50,17 +59,18 @@ def run(args: argparse.Namespace) -> int:
 
     import warnings
 
-    from equiformer.api import OutOfDomainError, Predictor
+    from equiformer.api import Predictor
 
-    predictor = Predictor.from_pretrained(args.model or [DEFAULT_MODEL], device=args.device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
-            structures, values = predictor._run(
-                list(args.inputs), args.batch_size, args.progress, args.on_unknown, seed=0
-            )
-        except OutOfDomainError as exc:
-            raise ValueError(str(exc).replace("on_unknown='warn'", "--on-unknown warn")) from None
+        if args.model:
+            groups = [(args.model, list(args.inputs))]
+        else:
+            groups = default_model_groups(list(args.inputs))
+        results = []
+        for names, items in groups:
+            predictor = Predictor.from_pretrained(names, device=args.device)
+            results.append((predictor, *_predict(predictor, items, args)))
     for w in caught:
         if issubclass(w.category, UserWarning) and w.category.__module__.startswith("equiformer"):
             print(f"equiformer predict: warning: {w.message}", file=sys.stderr)
@@ -68,13 +78,47 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "json":
         import json
 
-        text = json.dumps(predictor.records(structures, values), indent=2) + "\n"
+        records = [r for predictor, structures, values in results for r in predictor.records(structures, values)]
+        text = json.dumps(records, indent=2) + "\n"
     elif args.format == "csv":
-        text = predictor.frame(structures, values).to_csv(index=False)
+        import pandas as pd
+
+        frames = [predictor.frame(structures, values) for predictor, structures, values in results]
+        text = (frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)).to_csv(index=False)
     else:
-        text = format_table(predictor, structures, values)
+        text = "\n".join(format_table(predictor, structures, values) for predictor, structures, values in results)
     _write(args.output, text)
     return 0
+
+
+def _predict(predictor, items: list, args: argparse.Namespace):
+    from equiformer.api import OutOfDomainError
+
+    try:
+        return predictor._run(items, args.batch_size, args.progress, args.on_unknown, seed=0)
+    except OutOfDomainError as exc:
+        raise ValueError(str(exc).replace("on_unknown='warn'", "--on-unknown warn")) from None
+
+
+def default_model_groups(inputs: list) -> list[tuple[list[str], list]]:
+    """Inputs split by the default model that fits them: molecules -> the QM9 model, periodic
+    structures (CIF, POSCAR, extxyz with a lattice, ...) -> the Materials Project crystal models.
+
+    Returns ``[(model names, converted structures), ...]`` in order of first appearance.
+    """
+    from equiformer.api import DEFAULT_CRYSTAL_MODELS, to_structures
+
+    molecules, crystals, order = [], [], []
+    for i, item in enumerate(inputs):
+        for s in to_structures(item, index=i, seed=0):
+            pbc = getattr(s.data, "pbc", None)
+            periodic = pbc is not None and bool(pbc.any())
+            (crystals if periodic else molecules).append(s)
+            kind = "crystal" if periodic else "molecule"
+            if kind not in order:
+                order.append(kind)
+    groups = {"molecule": ([DEFAULT_MODEL], molecules), "crystal": (list(DEFAULT_CRYSTAL_MODELS), crystals)}
+    return [groups[k] for k in order]
 
 
 def _write(path: str | None, text: str) -> None:

@@ -264,7 +264,7 @@ def run_one(args: argparse.Namespace, model: str, target: str, budget_s: float) 
         "model": model, "target": target, "unit": info.unit, "parameters": n_params,
         "weights_mib_fp32": round(sum(v.numel() * 4 for v in task.model.state_dict().values()) / 2**20, 2),
         "config": dict(task.model.config), "recipe": {k: spec[k] for k in ("lr", "betas", "weight_decay", "loss", "batch_size", "clip")},
-        "budget_s": budget_s, "probe_s": round(probe_s, 2), "train_s": round(train_s, 2), "wall_s": round(time.perf_counter() - t_start, 2),
+        "budget_s": budget_s if math.isfinite(budget_s) else None, "probe_s": round(probe_s, 2), "train_s": round(train_s, 2), "wall_s": round(time.perf_counter() - t_start, 2),
         "steps": done, "planned_steps": steps, "epochs": round(done / steps_per_epoch, 3), "batch_size": spec["batch_size"],
         "structures_per_s_probe": round(rate, 1), "structures_per_s_train": round(timer.structures_per_s, 1),
         "split": sizes, "val_mae": _mae_from(val, "val", target, info.report_scale),

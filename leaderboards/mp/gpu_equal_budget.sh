@@ -4,7 +4,7 @@
 # tested, and the best shippable model per target exported as mp-eform / mp-gap. Run from the repository
 # root on the GPU machine:
 #   BUDGET_S=65 OUT=results bash leaderboards/mp/gpu_equal_budget.sh
-# 3 models x 2 targets x (65 s + ~8 s overhead) + pip/imports ~ 480 s; DEADLINE_S (default 545 s after
+# 3 models x 2 targets x (65 s + ~8 s overhead) + pip/imports ~ 480 s; DEADLINE_S (default 540 s after
 # the start of this script) skips any run that would end later, so the call stays under 560 s.
 # Needs (both folders git-ignored via .git/info/exclude, carried with the call):
 #   .carry_mp/: python leaderboards/mp/prepare_carry.py   (processed MP tensors + MEGNet split files; no pymatgen on the GPU)
@@ -18,7 +18,7 @@ set -u
 T0=$(date +%s)
 BUDGET_S=${BUDGET_S:-65}
 OUT=${OUT:-results}
-DEADLINE_S=${DEADLINE_S:-545}
+DEADLINE_S=${DEADLINE_S:-540}
 MODELS=${MODELS:-crystalformer icomformer cgcnn}
 TARGETS=${TARGETS:-e_form gap}
 EXTRA=${EXTRA:-}
