@@ -685,15 +685,29 @@ def _normalise_metrics(metrics: Mapping[str, Any], targets: list[Mapping[str, An
     return out
 
 
-def _check_round_trip(model: torch.nn.Module, js: Path) -> None:
-    """The exported files rebuild a network with identical outputs (float32, methane)."""
-    from torch_geometric.data import Batch
-
+def _round_trip_structure(periodic: bool):
+    """A small contract ``Data`` in float32: rock-salt NaCl (8-atom cubic cell, a = 5.64 Å) for
+    periodic models (crystal graphs refuse molecules), methane otherwise."""
     from equiformer.data.contract import make_data
 
+    if periodic:
+        a = 5.64
+        h = a / 2
+        pos = [[0, 0, 0], [0, h, h], [h, 0, h], [h, h, 0], [h, h, h], [h, 0, 0], [0, h, 0], [0, 0, h]]
+        return make_data([11] * 4 + [17] * 4, pos, cell=[[a, 0, 0], [0, a, 0], [0, 0, a]], pbc=[True] * 3,
+                         dtype=torch.float32, source="round-trip check (rock salt)")
     pos = [[0.0, 0.0, 0.0], [0.629, 0.629, 0.629], [-0.629, -0.629, 0.629], [-0.629, 0.629, -0.629], [0.629, -0.629, -0.629]]
-    batch = Batch.from_data_list([make_data([6, 1, 1, 1, 1], pos, dtype=torch.float32)])
-    loaded, _ = load_pretrained(js, device="cpu")
+    return make_data([6, 1, 1, 1, 1], pos, dtype=torch.float32, source="round-trip check (methane)")
+
+
+def _check_round_trip(model: torch.nn.Module, js: Path) -> None:
+    """The exported files rebuild a network with identical outputs (float32; rock salt for models
+    whose ``domain`` is periodic, methane otherwise)."""
+    from torch_geometric.data import Batch
+
+    loaded, meta = load_pretrained(js, device="cpu")
+    periodic = bool((meta.get("domain") or {}).get("periodic"))
+    batch = Batch.from_data_list([_round_trip_structure(periodic)])
     model = model.to("cpu", torch.float32).eval()
     with torch.no_grad():
         a, b = model(batch)["y"], loaded(batch)["y"]

@@ -260,11 +260,21 @@ SHIPPED = sorted(p.stem for p in hub.PACKAGE_DIR.glob("*.json"))
 @pytest.mark.skipif(not SHIPPED, reason="no pretrained model shipped yet")
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_models_load_and_predict_finite_values(name):
+    """Each shipped model predicts finite values for structures of its domain: crystals (Si, rock
+    salt) for periodic models, molecules (water, methane) for molecular ones."""
     from equiformer.api import Predictor
 
     p = Predictor.from_pretrained(name, device="cpu")
-    df = p.predict(["O", "C"])
+    meta = p.models[0].meta
+    if (meta.get("domain") or {}).get("periodic"):
+        from ase.build import bulk
+
+        inputs = [bulk("Si"), bulk("NaCl", "rocksalt", a=5.64)]
+        formulas = ["Si2", "ClNa"]
+    else:
+        inputs, formulas = ["O", "C"], ["H2O", "CH4"]
+    df = p.predict(inputs)
     values = df.drop(columns=["input", "formula"]).to_numpy(dtype=float)
     assert values.shape == (2, len(p.properties)) and np.isfinite(values).all()
-    meta = p.models[0].meta
+    assert df["formula"].tolist() == formulas
     assert meta["dataset"] and meta["elements"] and meta["metrics"].get("test_mae")
