@@ -241,6 +241,23 @@ def test_save_refuses_unsafe_names_and_non_json_metadata(tmp_path):
         hub.save_pretrained(model, {**base, "normalization": {"mean": [float("nan")], "std": [1.0]}}, tmp_path, name="x")
 
 
+def test_round_trip_check_uses_a_crystal_for_periodic_models(tmp_path):
+    """Crystal models (ComFormer's lattice graph refuses molecules) are checked on rock salt; a
+    changed weight after saving is caught."""
+    from equiformer.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("icomformer", preset="tiny").eval()
+    meta = {"model": {"name": "icomformer", "config": model.config}, "targets": [{"name": "e_form", "unit": "eV/atom"}],
+            "normalization": {"mean": [0.0], "std": [1.0]}, "domain": {"periodic": True}}
+    js = hub.save_pretrained(model, meta, tmp_path, name="crystal")
+    hub._check_round_trip(model, js)  # a molecule would raise ValueError from the crystal graph
+    with torch.no_grad():
+        model.head[-1].bias.add_(1.0)
+    with pytest.raises(hub.PretrainedError, match="does not reproduce"):
+        hub._check_round_trip(model, js)
+
+
 def test_export_refuses_a_checkpoint_with_pickled_objects(tmp_path):
     import argparse  # a Namespace in hyper_parameters (as some CLIs store) is not allowlisted by weights_only
 
