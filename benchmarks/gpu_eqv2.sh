@@ -3,7 +3,8 @@
 # 31M model (and 153M if time is left) on the same OC20-like batch, plus a short energy+force
 # training of a small EquiformerV2 on the 30 real OC20 relaxation trajectories.
 # Run from the repository root on the GPU machine, carrying .fcwhl, .whl and .carry_oc20:
-#   OUT=$OUT bash benchmarks/gpu_eqv2.sh
+#   OUT=$OUT bash benchmarks/gpu_eqv2.sh            # all stages
+#   STAGES=train OUT=$OUT bash benchmarks/gpu_eqv2.sh   # only the OC20 training (CPU check: see benchmarks/README.md)
 # Carried folders (git-ignored via .git/info/exclude), built on the dev box with:
 #   .fcwhl/: pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #              --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -14,6 +15,7 @@
 # pydantic) are stubbed at run time by benchmarks/peer_fairchem.py.
 # Env: STAGES (default "bench31 train bench153"), TRAIN_S (training wall-clock cap, default 200),
 #      TRAIN_EPOCHS (default 4: the cosine schedule's length), TRAIN_EXTRA (more CLI overrides),
+#      TRAIN_TIMEOUT (hard kill of the whole train stage, default TRAIN_S + 150),
 #      SITE (wheel install folder, default /tmp/site), SKIP_INSTALL=1 (dev box: no wheels, no symlinks).
 set -u
 OUT=${OUT:-results}
@@ -54,17 +56,21 @@ for stage in $STAGES; do
     # configs/oc20/equiformer_v2_small_s2ef_trajectories.yaml), capped at TRAIN_S seconds of fitting:
     # validation before and after, then test.
     mkdir -p /tmp/eqv2_oc20
+    # Lightning's max_time is DD:HH:MM:SS with two-digit fields (a bare "00:00:00:200" is refused)
+    max_time=$(printf '%02d:%02d:%02d:%02d' $((TRAIN_S / 86400)) $((TRAIN_S / 3600 % 24)) $((TRAIN_S / 60 % 60)) $((TRAIN_S % 60)))
     # shellcheck disable=SC2086
-    timeout $((TRAIN_S + 150)) python3 - --config configs/oc20/equiformer_v2_small_s2ef_trajectories.yaml \
+    timeout "${TRAIN_TIMEOUT:-$((TRAIN_S + 150))}" python3 - --config configs/oc20/equiformer_v2_small_s2ef_trajectories.yaml \
       --data.init_args.source .carry_oc20/oc20_relaxation_trajectories.tar.gz --data.init_args.root /tmp/eqv2_oc20/data \
       --data.init_args.num_workers 8 --trainer.default_root_dir /tmp/eqv2_oc20/run --trainer.enable_progress_bar false \
-      --trainer.max_epochs "$TRAIN_EPOCHS" --trainer.max_time "00:00:00:$TRAIN_S" --model.max_epochs "$TRAIN_EPOCHS" \
+      --trainer.max_epochs "$TRAIN_EPOCHS" --trainer.max_time "$max_time" --model.max_epochs "$TRAIN_EPOCHS" \
       ${TRAIN_EXTRA:-} > "$OUT/train_oc20.log" 2>&1 <<'PY'
 import json, os, sys, time
 import torch
 from equiformer.tasks.energy_force_cli import EnergyForceCLI
 
 out_dir = os.environ.get("OUT", "results")
+if not torch.cuda.is_available():  # CPU check runs share a small machine
+    torch.set_num_threads(int(os.environ.get("TRAIN_THREADS", "1")))
 argv, sys.argv = sys.argv[1:], sys.argv[:1]
 cli = EnergyForceCLI(args=argv, run=False)
 trainer, task, dm = cli.trainer, cli.model, cli.datamodule
@@ -74,8 +80,10 @@ res["val_start"] = trainer.validate(task, datamodule=dm, verbose=False)[0]
 t1 = time.time()
 trainer.fit(task, datamodule=dm)
 res["fit_s"] = round(time.time() - t1, 1)
-res["epochs"] = trainer.current_epoch
 res["steps"] = trainer.global_step
+res["steps_per_epoch"] = trainer.num_training_batches
+res["epochs"] = round(trainer.global_step / max(trainer.num_training_batches, 1), 2)  # current_epoch overcounts a stop by max_time
+res["threads"] = torch.get_num_threads()
 res["val_end"] = trainer.validate(task, datamodule=dm, verbose=False)[0]
 res["test"] = trainer.test(task, datamodule=dm, verbose=False)[0]
 res["total_s"] = round(time.time() - t0, 1)

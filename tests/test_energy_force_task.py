@@ -484,3 +484,67 @@ def test_equiformer_v2_configs_parse(eqv2_registered, name):
     if "train" in init:  # the LMDB layout written by equiformer.datasets.download
         assert init["train"].startswith("data/oc20/s2ef/") and init["val"] == "data/oc20/s2ef/all/val_id"
     assert cfg["trainer"]["inference_mode"] is False
+
+
+@pytest.mark.parametrize("value, expected", [
+    (200, "00:00:03:20"), ("200", "00:00:03:20"), ("00:00:00:200", "00:00:03:20"), ("3:20", "00:00:03:20"),
+    ("01:30:00", "00:01:30:00"), (90061.2, "01:01:01:02"), ("00:01:00:00", "00:01:00:00"),
+    (None, None), ({"seconds": 5}, {"seconds": 5}),
+])
+def test_max_time_is_normalised_for_lightning(value, expected):
+    """A seconds budget or an over-full DD:HH:MM:SS becomes a duration Lightning's Timer accepts."""
+    from lightning.pytorch.callbacks import Timer
+
+    from equiformer.tasks.energy_force_cli import normalize_max_time
+
+    out = normalize_max_time(value)
+    assert out == expected
+    if isinstance(out, str):
+        Timer(duration=out)  # raises MisconfigurationException on a malformed string
+
+
+@pytest.mark.parametrize("bad", ["soon", "1:2:3:4:5", -3, True, "00:00:-1:00"])
+def test_max_time_rejects_non_durations(bad):
+    from equiformer.tasks.energy_force_cli import normalize_max_time
+
+    with pytest.raises(ValueError, match="max_time"):
+        normalize_max_time(bad)
+
+
+@pytest.mark.parametrize("max_time", ["200", "00:00:00:200"])
+def test_cli_accepts_seconds_as_max_time(max_time, tmp_path):
+    """--trainer.max_time as a script would pass it: the Trainer gets a 200 s Timer (no data is read)."""
+    from lightning.pytorch.callbacks import Timer
+
+    from equiformer.tasks.energy_force_cli import EnergyForceCLI
+
+    cfg = ROOT / "configs" / "oc20" / "equiformer_small_s2ef_trajectories.yaml"
+    cli = EnergyForceCLI(["--config", str(cfg), "--trainer.max_time", max_time, "--trainer.default_root_dir", str(tmp_path),
+                          "--trainer.enable_progress_bar", "false", "--model.model_kwargs", json.dumps(TINY)], run=False)
+    timers = [c for c in cli.trainer.callbacks if isinstance(c, Timer)]
+    assert len(timers) == 1 and timers[0]._duration == 200.0
+
+
+def test_gpu_eqv2_script_passes_a_valid_max_time(tmp_path):
+    """benchmarks/gpu_eqv2.sh's train stage builds its CLI arguments (parsed, printed, not run): the
+    max_time it passes must satisfy Lightning's own DD:HH:MM:SS check (the H100 run failed on '00:00:00:200')."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+    from lightning.pytorch.callbacks import Timer
+
+    if shutil.which("bash") is None:
+        pytest.skip("bash not available")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               SKIP_INSTALL="1", STAGES="train", TRAIN_S="200", TRAIN_EXTRA="--print_config", OUT=str(tmp_path))
+    proc = subprocess.run(["bash", "benchmarks/gpu_eqv2.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    log = (tmp_path / "train_oc20.log").read_text()
+    assert "train exit 0" in proc.stdout, proc.stdout + log[-2000:]
+    printed = yaml.safe_load(log[log.index("seed_everything:"):])
+    max_time = printed["trainer"]["max_time"]
+    assert re.fullmatch(r"(\d+):(\d\d):(\d\d):(\d\d)", str(max_time)), max_time
+    assert Timer(duration=max_time)._duration == 200.0
+    assert printed["trainer"]["max_epochs"] == 4 and printed["model"]["max_epochs"] == 4
