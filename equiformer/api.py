@@ -242,6 +242,39 @@ class LoadedModel:
             )
         return None
 
+    def size_error_note(self, data: Any, factor: float = 2.0) -> str | None:
+        """A note when the model's measured test error for molecules of ``data``'s size (heavy atoms)
+        is more than ``factor`` times its overall test error on some target, else None.
+
+        Reads ``metrics.test_mae_by_heavy_atoms`` (written by ``leaderboards/qm9/error_by_size.py``).
+        """
+        bins = (self.meta.get("metrics") or {}).get("test_mae_by_heavy_atoms")
+        overall = (self.meta.get("metrics") or {}).get("test_mae") or {}
+        if not bins or not overall:
+            return None
+        heavy = int((torch.as_tensor(data.z).view(-1) > 1).sum())
+        row = next((b for b in bins if int(b["min"]) <= heavy <= int(b["max"])), None)
+        if row is None:
+            return None
+        scale = {"eV": 1.0, "meV": 1e-3, "eV/atom": 1.0, "meV/atom": 1e-3}
+        worse = []
+        for name, m in row["mae"].items():
+            ref = overall.get(name) or {}
+            value, unit, ref_value, ref_unit = m.get("value"), m.get("unit"), ref.get("value"), ref.get("unit")
+            if value is None or not ref_value:
+                continue
+            if unit != ref_unit:
+                if unit not in scale or ref_unit not in scale:
+                    continue  # units we cannot compare: say nothing rather than something wrong
+                ref_value = ref_value * scale[ref_unit] / scale[unit]
+            if value > factor * ref_value:
+                worse.append(f"{name} {value:.4g} {unit} (all test molecules: {ref_value:.4g} {unit})")
+        if not worse:
+            return None
+        ds = self.meta.get("dataset") or "the training set"
+        return (f"model {self.name!r} is much less accurate for molecules with {row['heavy_atoms']} heavy atoms: "
+                f"test MAE on the {row['count']} such {ds} test molecules: " + ", ".join(worse))
+
     def forward_values(self, batch: Any) -> torch.Tensor:
         """[B, T] properties in the targets' units for a PyG Batch already on the model's device."""
         from equiformer.hub import denormalize
@@ -256,7 +289,12 @@ class LoadedModel:
                 f"({batch.num_graphs}, {len(self.targets)}) for its targets {[t['name'] for t in self.targets]}"
             )
         # float64: atomref sums reach ~1e4 eV (QM9 U0) where float32 keeps only ~1e-3 eV.
-        return denormalize(y.to(torch.float64), batch.z, batch.batch, self.meta)
+        values = denormalize(y.to(torch.float64), batch.z, batch.batch, self.meta)
+        # physical bounds a target declares (band gaps are >= 0: a metal's small negative output is 0)
+        for k, t in enumerate(self.targets):
+            if t.get("minimum") is not None:
+                values[:, k] = values[:, k].clamp(min=float(t["minimum"]))
+        return values
 
 
 # --------------------------------------------------------------------------- Predictor
@@ -401,9 +439,9 @@ class Predictor:
                     warnings.warn(msg + "; its values are NaN", OutOfDomainWarning, stacklevel=4)
                     s.notes.append(why)
                     continue
-                note = lm.extrapolation(s.data)
-                if note is not None and note not in s.notes:
-                    s.notes.append(note)
+                for note in (lm.extrapolation(s.data), lm.size_error_note(s.data)):
+                    if note is not None and note not in s.notes:
+                        s.notes.append(note)
                 ok.append(i)
             for start in range(0, len(ok), batch_size):
                 idx = ok[start:start + batch_size]

@@ -185,3 +185,20 @@ def test_recorded_test_mae_is_what_the_shipped_models_score(predictor):
         recorded = hub.test_mae(lm.meta)[target]["value"]
         assert mae == pytest.approx(recorded, rel=1e-3, abs=1e-4), (lm.name, mae, recorded)
         assert torch.isfinite(torch.tensor(mae))
+
+
+def test_band_gaps_are_never_negative_even_where_the_network_output_is():
+    """mp-gap declares minimum 0 eV for its target: metals whose raw output dips below 0 print 0."""
+    from ase.build import bulk
+
+    metals = [bulk("Cu", "fcc", a=3.61), bulk("Al", "fcc", a=4.05), bulk("Na", "bcc", a=4.23),
+              bulk("Fe", "bcc", a=2.87), bulk("Ni", "fcc", a=3.52), bulk("Ag", "fcc", a=4.09)]
+    p = Predictor.from_pretrained("mp-gap", device="cpu")
+    (lm,) = p.models
+    assert lm.targets[0]["minimum"] == 0.0
+    clamped = p.predict(metals)["gap (eV)"].to_numpy(float)
+    assert (clamped >= 0).all()
+    lm.targets[0]["minimum"] = None  # the raw network output
+    raw = p.predict(metals)["gap (eV)"].to_numpy(float)
+    assert (raw < 0).any(), raw  # the clamp is exercised by these inputs
+    np.testing.assert_allclose(clamped, np.maximum(raw, 0.0))
