@@ -80,6 +80,11 @@ def _symbols(zs: Iterable[int]) -> str:
     return ", ".join(CHEMICAL_SYMBOLS[int(z)] for z in sorted(set(int(z) for z in zs)))
 
 
+def _number(x: float) -> str:
+    """4 significant digits, without an exponent below 1e7 (54243 rather than 5.424e+04)."""
+    return f"{x:.4g}" if abs(x) < 1e4 else f"{x:.0f}"
+
+
 def is_periodic(data: Any) -> bool:
     """True when ``data`` (contract ``Data``) is periodic in all three directions with a non-degenerate cell."""
     pbc = getattr(data, "pbc", None)
@@ -268,12 +273,12 @@ class LoadedModel:
                     continue  # units we cannot compare: say nothing rather than something wrong
                 ref_value = ref_value * scale[ref_unit] / scale[unit]
             if value > factor * ref_value:
-                worse.append(f"{name} {value:.4g} {unit} (all test molecules: {ref_value:.4g} {unit})")
+                worse.append(f"{name} {_number(value)} {unit} (all test molecules: {_number(ref_value)} {unit})")
         if not worse:
             return None
         ds = self.meta.get("dataset") or "the training set"
         return (f"model {self.name!r} is much less accurate for molecules with {row['heavy_atoms']} heavy atoms: "
-                f"test MAE on the {row['count']} such {ds} test molecules: " + ", ".join(worse))
+                f"test MAE on the {row['count']} such {ds} test molecule{'s' if int(row['count']) != 1 else ''}: " + ", ".join(worse))
 
     def forward_values(self, batch: Any) -> torch.Tensor:
         """[B, T] properties in the targets' units for a PyG Batch already on the model's device."""

@@ -308,3 +308,32 @@ def _dipole_calc(model_dir):
     meta["targets"][0].update(name="mu", unit="D")
     model, _ = hub.load_pretrained(model_dir / "fam-homo.json")
     return EquiformerCalculator((model, meta), target="mu", device="cpu")
+
+
+def test_molecules_of_a_size_with_large_measured_errors_get_a_note(tmp_path):
+    """The size breakdown written by leaderboards/qm9/error_by_size.py turns into a per-molecule note."""
+    bins = [
+        {"heavy_atoms": "1-3", "min": 1, "max": 3, "count": 12,
+         "mae": {"homo": {"value": 120.0, "unit": "meV"}, "U0": {"value": 9000.0, "unit": "meV"}}},
+        {"heavy_atoms": "4-9", "min": 4, "max": 9, "count": 10819,
+         "mae": {"homo": {"value": 99.0, "unit": "meV"}, "U0": {"value": 480.0, "unit": "meV"}}},
+    ]
+    metrics = {"test_mae": {"homo": {"value": 100.0, "unit": "meV"}, "U0": {"value": 0.5, "unit": "eV"}},
+               "test_mae_by_heavy_atoms": bins}
+    make_tiny_model(tmp_path, name="sized", targets=("homo", "U0"), metrics=metrics)
+    p = Predictor.from_pretrained(tmp_path / "sized.json", device="cpu")
+    df = p.predict(["C", "CCCCC"])
+    notes = df.attrs["notes"]
+    assert 1 not in notes  # 5 heavy atoms: errors as usual
+    (note,) = notes[0]
+    # U0 in eV overall (0.5 eV = 500 meV) compared in meV; homo 120 < 2 x 100 is not flagged
+    assert "1-3 heavy atoms" in note and "12 such QM9 test molecules" in note
+    assert "U0 9000 meV (all test molecules: 500 meV)" in note and "homo" not in note
+
+
+def test_shipped_qm9_model_records_its_error_by_molecule_size():
+    meta = hub.read_metadata(hub.resolve("qm9-equiformer")[0])
+    bins = meta["metrics"]["test_mae_by_heavy_atoms"]
+    assert sum(b["count"] for b in bins) == meta["split"]["test"]
+    assert [(b["min"], b["max"]) for b in bins] == sorted((b["min"], b["max"]) for b in bins)
+    assert {t["name"] for t in meta["targets"]} == set(bins[0]["mae"])
