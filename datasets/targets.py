@@ -15,6 +15,10 @@ class TargetInfo:
         report_unit: unit in which errors are usually reported, e.g. ``"meV"``.
         report_scale: factor from ``unit`` to ``report_unit`` (a MAE in ``unit`` times this).
         description: one line of what the quantity is.
+        extensive: the quantity grows with the number of atoms (total, zero-point and free
+            energies, ...), so a model normalises it per atom (``normalize="auto"`` of
+            :class:`~equiformer.tasks.property.PropertyTask`); ``False`` for intensive ones
+            (orbital energies, gaps, dipole moments, energies per atom).
     """
 
     name: str
@@ -22,6 +26,7 @@ class TargetInfo:
     report_unit: str
     report_scale: float
     description: str
+    extensive: bool = False
 
     def to_report(self, value: float) -> float:
         """``value`` (in ``unit``) expressed in ``report_unit``."""

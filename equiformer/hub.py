@@ -11,7 +11,9 @@ A shipped model is two files side by side, and nothing in them is executable:
         {"format_version": 1, "name": "qm9-equiformer", "description": "...",
          "model": {"name": "equiformer", "config": {...constructor kwargs...}},
          "targets": [{"name": "homo", "unit": "eV", "description": "..."}, ...],
-         "normalization": {"mean": [...], "std": [...]},          # one per target
+         "normalization": {"mean": [...], "std": [...],           # one per target
+                           "mean_per_atom": [...],                 # optional (0 if absent)
+                           "mode": ["per_molecule" | "per_atom", ...]},  # optional, informative
          "atomref": {"U0": {"1": -13.6, "6": -1029.8, ...}},     # per-element offsets (eV)
          "elements": [1, 6, 7, 8, 9],                             # seen in training
          "domain": {"max_atoms": 29, "max_heavy_atoms": 9, "periodic": false},
@@ -22,7 +24,11 @@ A shipped model is two files side by side, and nothing in them is executable:
          "equiformer_version": "0.1.0", "license": "MIT"}
 
 A model's normalised output ``out`` [B, T] becomes a property in its unit as
-``value = out * std + mean + sum_atoms atomref[target][z]`` (:func:`denormalize`).
+``value = out * std + mean + N * mean_per_atom + sum_atoms atomref[target][z]`` for a graph
+of ``N`` atoms (:func:`denormalize`). Targets normalised per atom (extensive ones such as
+total or atomization energies) have ``mean = 0`` and ``mean_per_atom`` = the training mean
+per atom; files without ``mean_per_atom`` (all written before it existed) are per molecule
+and give exactly the values they always gave.
 
 Models are looked up by name in ``equiformer/pretrained/`` and in the directories listed in
 the environment variable ``EQUIFORMER_MODELS`` (``os.pathsep``-separated), or given as a path
@@ -207,6 +213,14 @@ def check_metadata(meta: Mapping[str, Any], where: str = "metadata") -> None:
         vals = norm.get(key) if isinstance(norm, Mapping) else None
         if not isinstance(vals, list) or len(vals) != len(targets):
             raise PretrainedError(f"{where}: normalization.{key} must list one number per target ({len(targets)})")
+    mpa = norm.get("mean_per_atom")
+    if mpa is not None and (not isinstance(mpa, list) or len(mpa) != len(targets)
+                            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in mpa)):
+        raise PretrainedError(f"{where}: normalization.mean_per_atom must list one number per target ({len(targets)})")
+    mode = norm.get("mode")
+    if mode is not None and (not isinstance(mode, list) or len(mode) != len(targets)
+                             or any(m not in ("per_molecule", "per_atom") for m in mode)):
+        raise PretrainedError(f"{where}: normalization.mode must list 'per_molecule' or 'per_atom' per target ({len(targets)})")
     version = meta.get("format_version", FORMAT_VERSION)
     if version > FORMAT_VERSION:
         raise PretrainedError(f"{where}: format_version {version} is newer than this equiformer reads ({FORMAT_VERSION}); upgrade equiformer")
@@ -220,7 +234,8 @@ def check_metadata(meta: Mapping[str, Any], where: str = "metadata") -> None:
 def denormalize(out: torch.Tensor, z: torch.Tensor, batch: torch.Tensor, meta: Mapping[str, Any]) -> torch.Tensor:
     """Model output [B, T] (normalised) -> properties [B, T] in the targets' units.
 
-    ``value = out * std + mean + sum over the graph's atoms of atomref[target][z]``.
+    ``value = out * std + mean + N * mean_per_atom + sum over the graph's atoms of atomref[target][z]``
+    (``N`` = the graph's atoms; the per-atom term only when the metadata has ``mean_per_atom``).
 
     Args:
         out: [B, T] normalised predictions.
@@ -228,9 +243,14 @@ def denormalize(out: torch.Tensor, z: torch.Tensor, batch: torch.Tensor, meta: M
         meta: the model's metadata (``targets``, ``normalization``, optional ``atomref``).
     """
     names = [t["name"] for t in meta["targets"]]
-    mean = torch.as_tensor(meta["normalization"]["mean"], dtype=out.dtype, device=out.device)
-    std = torch.as_tensor(meta["normalization"]["std"], dtype=out.dtype, device=out.device)
+    norm = meta["normalization"]
+    mean = torch.as_tensor(norm["mean"], dtype=out.dtype, device=out.device)
+    std = torch.as_tensor(norm["std"], dtype=out.dtype, device=out.device)
     value = out * std + mean
+    if norm.get("mean_per_atom") is not None:
+        mpa = torch.as_tensor(norm["mean_per_atom"], dtype=out.dtype, device=out.device)
+        n = torch.bincount(batch, minlength=out.shape[0]).to(out.dtype)  # [B] atoms per graph
+        value = value + n[:, None] * mpa
     table = atomref_table(meta, dtype=out.dtype, device=out.device)
     if table is not None:
         per_atom = table[z]  # [N, T]

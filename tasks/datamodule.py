@@ -8,6 +8,7 @@ All ``__init__`` arguments are plain typed values, so LightningCLI / YAML config
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import lightning as L
@@ -32,7 +33,55 @@ from equiformer.datasets.splits import (
 )
 from equiformer.datasets.targets import TargetInfo
 
-__all__ = ["QM9DataModule", "StructureDataModule"]
+__all__ = ["NORMALIZATION_MODES", "QM9_EXTENSIVE_TARGETS", "QM9DataModule", "StructureDataModule", "target_statistics"]
+
+#: how a target is standardised: ``"per_molecule"`` (mean and std over molecules) or
+#: ``"per_atom"`` (an offset per atom, std of what is left); see :func:`target_statistics`
+NORMALIZATION_MODES = ("per_molecule", "per_atom")
+
+#: QM9 targets that grow with the molecule (sums over atoms): normalised per atom by
+#: ``PropertyTask(normalize="auto")``. Orbital energies, gap, dipole are intensive; alpha,
+#: r2 and Cv grow with size too but are left per molecule until measured.
+QM9_EXTENSIVE_TARGETS = ("zpve", "U0", "U", "H", "G")
+
+
+def target_statistics(y: Tensor, num_atoms: Tensor, per_atom: Sequence[bool] | None = None) -> dict[str, Tensor | int]:
+    """Normalisation statistics of targets, per molecule or per atom, column by column.
+
+    For a per-molecule column: ``mean = mean(y)``, ``mean_per_atom = 0``, ``std = std(y)``.
+    For a per-atom column: ``mean = 0``, ``mean_per_atom = mean(y / N)`` (the mean of each
+    molecule's value per atom, as SchNetPack's ``divide_by_atoms`` statistics and MACE's
+    energy shift), ``std = std(y - N * mean_per_atom)``: the spread of what the network
+    has to learn once the extensive part is removed, so a graph-level output stays of
+    order one and ``MAE(normalised) * std`` is the MAE in target units.
+    Either way a target is normalised as ``(y - mean - N * mean_per_atom) / std``.
+
+    Args:
+        y: [M, T] targets of the training molecules (after any atomref subtraction).
+        num_atoms: [M] atoms per molecule.
+        per_atom: [T] which columns are normalised per atom (default none).
+    Returns:
+        ``{"mean": [T], "std": [T] (unbiased), "mean_per_atom": [T], "mad": [T] (mean absolute
+        deviation of the residual), "count": M, "mode": [T] names}``; float64 tensors.
+    """
+    y = torch.as_tensor(y, dtype=torch.float64)
+    if y.dim() == 1:
+        y = y[:, None]
+    M, T = y.shape
+    n = torch.as_tensor(num_atoms, dtype=torch.float64).reshape(-1)
+    if n.numel() != M:
+        raise ValueError(f"target_statistics: {M} molecules but {n.numel()} atom counts")
+    if M and float(n.min()) < 1:
+        raise ValueError("target_statistics: every molecule needs at least one atom")
+    mask = torch.zeros(T, dtype=torch.bool) if per_atom is None else torch.as_tensor(list(per_atom), dtype=torch.bool)
+    if mask.numel() != T:
+        raise ValueError(f"target_statistics: per_atom has {mask.numel()} entries for {T} targets")
+    mean_per_atom = torch.where(mask, (y / n[:, None]).mean(0), torch.zeros(T, dtype=torch.float64))
+    mean = torch.where(mask, torch.zeros(T, dtype=torch.float64), y.mean(0))
+    resid = y - n[:, None] * mean_per_atom  # per-molecule columns: y itself
+    std = resid.std(0) if M > 1 else torch.ones(T, dtype=torch.float64)
+    return {"mean": mean, "std": std, "mean_per_atom": mean_per_atom, "mad": (resid - resid.mean(0)).abs().mean(0),
+            "count": int(M), "mode": [NORMALIZATION_MODES[int(b)] for b in mask.tolist()]}
 
 
 class StructureDataModule(L.LightningDataModule):
@@ -154,7 +203,10 @@ class QM9DataModule(StructureDataModule):
 
     Normalisation for a task (:meth:`atomrefs`, :meth:`train_statistics`)::
 
-        y_norm = (y - sum_atoms atomrefs()[t, z] - mean[t]) / std[t]
+        y_norm = (y - sum_atoms atomrefs()[t, z] - mean[t] - N * mean_per_atom[t]) / std[t]
+
+    (``mean_per_atom`` is zero for targets normalised per molecule, ``mean`` for those per atom;
+    :attr:`target_infos` marks :data:`QM9_EXTENSIVE_TARGETS` as extensive).
 
     Args:
         root: cache folder (default ``$EQUIFORMER_CACHE/qm9`` or ``~/.cache/equiformer/qm9``).
@@ -203,7 +255,10 @@ class QM9DataModule(StructureDataModule):
     # -- metadata (available before setup) ---------------------------------------------------
     @property
     def target_infos(self) -> list[TargetInfo]:
-        return [qm9_target_info(t) for t in self.target_names]
+        """Units and report units of the targets; ``extensive`` set for :data:`QM9_EXTENSIVE_TARGETS`."""
+        infos = [qm9_target_info(t) for t in self.target_names]
+        return [dataclasses.replace(i, extensive=True) if i.name in QM9_EXTENSIVE_TARGETS and not i.extensive else i
+                for i in infos]
 
     @property
     def num_targets(self) -> int:
@@ -244,17 +299,18 @@ class QM9DataModule(StructureDataModule):
         assert isinstance(ds, QM9)
         return ds
 
-    def train_statistics(self) -> dict[str, Tensor | int]:
+    def train_statistics(self, per_atom: Sequence[bool] | None = None) -> dict[str, Tensor | int]:
         """Statistics of the targets over the training split, after the atomref subtraction.
 
+        Args:
+            per_atom: [T] which targets are normalised per atom (default none: all per
+                molecule, the statistics of earlier versions); see :func:`target_statistics`.
         Returns:
-            ``{"mean": [T], "std": [T] (unbiased), "mad": [T] (mean absolute deviation),
-            "count": n}``, float64 tensors in target units, computed in float64 from the
-            stored values (not the float32 ``y``).
+            ``{"mean": [T], "std": [T] (unbiased), "mean_per_atom": [T], "mad": [T] (mean
+            absolute deviation), "count": n, "mode": [T]}``, float64 tensors in target units,
+            computed in float64 from the stored values (not the float32 ``y``).
         """
         ds = self.qm9
         idx = self.splits["train"]
         y = ds.y_table[idx][:, ds.target_columns] - ds.atomref_sums(self.target_names)[idx]
-        mean = y.mean(0)
-        std = y.std(0) if len(idx) > 1 else torch.ones_like(mean)
-        return {"mean": mean, "std": std, "mad": (y - mean).abs().mean(0), "count": int(len(idx))}
+        return target_statistics(y, ds.num_atoms[idx], per_atom)

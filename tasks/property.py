@@ -1,13 +1,20 @@
 """LightningModule that trains a network to predict graph-level properties (e.g. QM9 targets).
 
-The network predicts *normalised* targets. For target ``t`` of a graph with atoms ``z``::
+The network predicts *normalised* targets. For target ``t`` of a graph with ``N`` atoms ``z``::
 
-    y_norm = (y - sum_atoms atomref[t, z] - mean[t]) / std[t]
-    y      = out * std[t] + mean[t] + sum_atoms atomref[t, z]
+    y_norm = (y - sum_atoms atomref[t, z] - mean[t] - N * mean_per_atom[t]) / std[t]
+    y      = out * std[t] + mean[t] + N * mean_per_atom[t] + sum_atoms atomref[t, z]
 
-``mean``, ``std`` (training-split statistics after the atomref subtraction) and ``atomref``
-come from the datamodule in :meth:`PropertyTask.setup` (``atomrefs()`` [T, 119],
-``train_statistics()``) or from the ``normalization`` argument. They live in float64
+Each target is normalised either *per molecule* (``mean`` = training mean after the atomref
+subtraction, ``mean_per_atom = 0``, ``std`` its std: the default, as before) or *per atom*
+(``mean = 0``, ``mean_per_atom`` = training mean of (y - atomrefs) / N, ``std`` = std of the
+residual y - atomrefs - N * mean_per_atom), chosen with ``normalize``. Per-atom normalisation
+suits extensive targets such as QM9's U0 atomization energy, whose per-molecule mean (-76 eV,
+std 10 eV) puts methane ~5 std from the mean while the per-atom residual has std 3.2 eV.
+
+``mean``, ``mean_per_atom``, ``std`` (training-split statistics after the atomref subtraction)
+and ``atomref`` come from the datamodule in :meth:`PropertyTask.setup` (``atomrefs()`` [T, 119],
+``train_statistics(per_atom=...)``) or from the ``normalization`` argument. They live in float64
 buffers (checkpoints carry them) and, as plain lists, in the hyper-parameters, together with
 the model's full constructor config, the target names, units and report units, so a
 checkpoint can be turned into a model with ``torch.load(weights_only=True)`` and no pickled
@@ -24,6 +31,7 @@ units of each target's std; the checkpoint monitor) and ``val/<target>_mae_<repo
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -35,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import RandomSampler
 
+from equiformer.tasks.datamodule import NORMALIZATION_MODES, target_statistics
 from equiformer.tasks.ema import EMAWeights
 from equiformer.tasks.metrics import PerTargetMAE, mae_key
 from equiformer.tasks.schedulers import WarmupCosineLR, schedule_lengths, weight_decay_groups
@@ -88,8 +97,13 @@ class PropertyTask(pl.LightningModule):
         ema_decay: decay of the exponential moving average of the weights used for
             validation, test and prediction; ``None`` keeps no average.
         loss: ``"l1"`` (paper) or ``"mse"``, on normalised targets.
-        normalization: ``{"mean": [T], "std": [T], "atomref": [T][119]}`` in target units;
-            default: computed from the datamodule in :meth:`setup`. Checkpoints record it.
+        normalize: how each target is standardised: ``None`` or ``"per_molecule"`` (all per
+            molecule, the behaviour of earlier versions), ``"per_atom"`` (all per atom),
+            ``"auto"`` (per atom for targets whose target info is ``extensive``, e.g. QM9's
+            U0/U/H/G/zpve) or ``{target: "per_atom" | "per_molecule"}`` (others per molecule).
+        normalization: ``{"mean": [T], "std": [T], "atomref": [T][119], "mean_per_atom": [T],
+            "mode": [T]}`` in target units (the last three optional); default: computed from
+            the datamodule in :meth:`setup`. Checkpoints record it.
         target_info: ``{name: {"unit", "report_unit", "report_scale", "description"}}``;
             default: from the datamodule's ``target_infos``. Checkpoints record it.
     """
@@ -109,6 +123,7 @@ class PropertyTask(pl.LightningModule):
         max_epochs: int | None = None,
         ema_decay: float | None = 0.999,
         loss: str = "l1",
+        normalize: str | dict[str, str] | None = None,
         normalization: dict[str, Any] | None = None,
         target_info: dict[str, dict[str, Any]] | None = None,
     ) -> None:
@@ -124,6 +139,7 @@ class PropertyTask(pl.LightningModule):
             raise ValueError(f"PropertyTask: unknown loss {loss!r}; choose one of {list(_LOSSES)}")
         if lr <= 0 or min_lr < 0 or warmup_start_lr < 0:
             raise ValueError(f"PropertyTask: learning rates must be positive (lr={lr}, min_lr={min_lr}, warmup_start_lr={warmup_start_lr})")
+        self._normalize_spec = self._check_normalize(normalize, targets)
         self.save_hyperparameters()
         self.hparams["targets"] = targets
         self.hparams["betas"] = [float(b) for b in betas]
@@ -143,14 +159,26 @@ class PropertyTask(pl.LightningModule):
         self.register_buffer("target_mean", torch.zeros(T, dtype=torch.float64))
         self.register_buffer("target_std", torch.ones(T, dtype=torch.float64))
         self.register_buffer("atomref", torch.zeros(T, NUM_ELEMENTS, dtype=torch.float64))
+        # not persistent: checkpoints of earlier versions have no such entry; the value travels
+        # in hparams["normalization"] (restored by __init__ on load) like the other statistics
+        self.register_buffer("target_mean_per_atom", torch.zeros(T, dtype=torch.float64), persistent=False)
+        #: "per_molecule" or "per_atom" for each target (how the statistics were computed)
+        self.normalization_modes: list[str] = ["per_molecule"] * T
         self._normalization_ready = False
-        if normalization is not None:
-            if not isinstance(normalization, Mapping) or "mean" not in normalization or "std" not in normalization:
-                raise ValueError("PropertyTask: normalization must be {'mean': [T], 'std': [T], 'atomref': [T][119] (optional)}")
-            self.set_normalization(normalization["mean"], normalization["std"], normalization.get("atomref"))
         self.target_info: dict[str, dict[str, Any]] = {}
         if target_info is not None:
             self.set_target_info(target_info)
+        if normalization is not None:
+            if not isinstance(normalization, Mapping) or "mean" not in normalization or "std" not in normalization:
+                raise ValueError("PropertyTask: normalization must be {'mean': [T], 'std': [T], 'atomref': [T][119] (optional), "
+                                 "'mean_per_atom': [T] (optional), 'mode': [T] (optional)}")
+            mode = normalization.get("mode")
+            explicit = self._explicit_modes()
+            if mode is not None and explicit is not None and list(mode) != explicit:
+                raise ValueError(f"PropertyTask: normalize={normalize!r} asks for modes {explicit} but normalization "
+                                 f"was computed for {list(mode)}")
+            self.set_normalization(normalization["mean"], normalization["std"], normalization.get("atomref"),
+                                   mean_per_atom=normalization.get("mean_per_atom"), mode=mode)
 
         self.val_mae = PerTargetMAE(T)
         self.test_mae = PerTargetMAE(T)
@@ -170,9 +198,54 @@ class PropertyTask(pl.LightningModule):
                              f"{num_targets} target(s)")
         return {**kwargs, "num_targets": num_targets}
 
+    @staticmethod
+    def _check_normalize(spec: Any, targets: list[str]) -> str | dict[str, str]:
+        """Validate ``normalize``: returns ``"per_molecule"``, ``"per_atom"``, ``"auto"`` or ``{target: mode}``."""
+        if spec is None:
+            return "per_molecule"
+        if isinstance(spec, str):
+            if spec not in (*NORMALIZATION_MODES, "auto"):
+                raise ValueError(f"PropertyTask: unknown normalize={spec!r}; choose one of "
+                                 f"{[*NORMALIZATION_MODES, 'auto']} or give {{target: mode}}")
+            return spec
+        if isinstance(spec, Mapping):
+            unknown = [t for t in spec if t not in targets]
+            if unknown:
+                raise ValueError(f"PropertyTask: normalize names {unknown}, which are not targets ({targets})")
+            bad = {t: m for t, m in spec.items() if m not in NORMALIZATION_MODES}
+            if bad:
+                raise ValueError(f"PropertyTask: normalize modes must be one of {list(NORMALIZATION_MODES)}, got {bad}")
+            return {str(t): str(m) for t, m in spec.items()}
+        raise ValueError(f"PropertyTask: normalize must be a mode name, 'auto' or {{target: mode}}, got {spec!r}")
+
+    def _explicit_modes(self) -> list[str] | None:
+        """Per-target modes when ``normalize`` names them (None for ``"auto"``, resolved in :meth:`resolve_modes`)."""
+        spec = self._normalize_spec
+        if spec == "auto":
+            return None
+        if isinstance(spec, str):
+            return [spec] * len(self.targets)
+        return [spec.get(t, "per_molecule") for t in self.targets]
+
+    def resolve_modes(self) -> list[str]:
+        """Per-target normalisation modes asked for by ``normalize`` (``"auto"``: from ``target_info``)."""
+        explicit = self._explicit_modes()
+        if explicit is not None:
+            return explicit
+        if not self.target_info:
+            raise ValueError("PropertyTask: normalize='auto' needs target metadata (target_info= or a datamodule "
+                             "with target_infos) to know which targets are extensive")
+        return ["per_atom" if self.target_info.get(t, {}).get("extensive") else "per_molecule" for t in self.targets]
+
     def set_normalization(self, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor,
-                          atomref: Sequence[Sequence[float]] | Tensor | None = None) -> None:
-        """Set the [T] mean and std and the [T, 119] atomref table (target units) used to normalise."""
+                          atomref: Sequence[Sequence[float]] | Tensor | None = None,
+                          mean_per_atom: Sequence[float] | Tensor | None = None,
+                          mode: Sequence[str] | None = None) -> None:
+        """Set the [T] mean and std, the [T, 119] atomref table and the [T] per-atom mean (target units).
+
+        ``mode`` records per target how the statistics were made (``"per_molecule"`` /
+        ``"per_atom"``); default: ``"per_atom"`` where ``mean_per_atom`` is non-zero.
+        """
         T = len(self.targets)
         mean_t = torch.as_tensor(_plain_floats(mean), dtype=torch.float64).reshape(-1)
         std_t = torch.as_tensor(_plain_floats(std), dtype=torch.float64).reshape(-1)
@@ -189,12 +262,27 @@ class PropertyTask(pl.LightningModule):
                 ref = ref[None]
             if ref.shape != (T, NUM_ELEMENTS):
                 raise ValueError(f"normalization: atomref must be [{T}, {NUM_ELEMENTS}] (targets x atomic number), got {tuple(ref.shape)}")
+        if mean_per_atom is None:
+            mpa = torch.zeros(T, dtype=torch.float64)
+        else:
+            mpa = torch.as_tensor(_plain_floats(mean_per_atom), dtype=torch.float64).reshape(-1)
+            if mpa.numel() != T or not torch.isfinite(mpa).all():
+                raise ValueError(f"normalization: mean_per_atom must hold {T} finite numbers, got {mpa.tolist()}")
+        if mode is None:
+            modes = ["per_atom" if v != 0.0 else "per_molecule" for v in mpa.tolist()]
+        else:
+            modes = [str(m) for m in mode]
+            if len(modes) != T or any(m not in NORMALIZATION_MODES for m in modes):
+                raise ValueError(f"normalization: mode must list one of {list(NORMALIZATION_MODES)} per target ({T}), got {modes}")
         dev = self.target_mean.device
         self.target_mean.copy_(mean_t.to(dev))
         self.target_std.copy_(std_t.to(dev))
         self.atomref.copy_(ref.to(dev))
+        self.target_mean_per_atom.copy_(mpa.to(dev))
+        self.normalization_modes = modes
         self._normalization_ready = True
-        self.hparams["normalization"] = {"mean": mean_t.tolist(), "std": std_t.tolist(), "atomref": ref.tolist()}
+        self.hparams["normalization"] = {"mean": mean_t.tolist(), "std": std_t.tolist(), "atomref": ref.tolist(),
+                                         "mean_per_atom": mpa.tolist(), "mode": list(modes)}
 
     def set_target_info(self, info: Mapping[str, Any] | Sequence[Any]) -> None:
         """Units and report units per target, from ``{name: {...}}`` or a list of ``TargetInfo``."""
@@ -211,6 +299,7 @@ class PropertyTask(pl.LightningModule):
                 "report_unit": str(get("report_unit", get("unit", ""))),
                 "report_scale": float(get("report_scale", 1.0)),
                 "description": str(get("description", "")),
+                "extensive": bool(get("extensive", False)),
             }
         self.target_info = out
         self.hparams["target_info"] = out
@@ -233,9 +322,37 @@ class PropertyTask(pl.LightningModule):
         if dm is None or not hasattr(dm, "train_statistics"):
             raise ValueError("PropertyTask: no normalisation statistics: pass normalization={'mean','std','atomref'} "
                              "or use a datamodule with train_statistics() and atomrefs()")
-        stats = dm.train_statistics()
+        modes = self.resolve_modes()
         atomref = dm.atomrefs() if hasattr(dm, "atomrefs") else None
-        self.set_normalization(_stat(stats, "mean"), _stat(stats, "std"), atomref)
+        if all(m == "per_molecule" for m in modes):
+            stats = dm.train_statistics()
+            self.set_normalization(_stat(stats, "mean"), _stat(stats, "std"), atomref, mode=modes)
+            return
+        per_atom = [m == "per_atom" for m in modes]
+        if "per_atom" in inspect.signature(dm.train_statistics).parameters:
+            stats = dm.train_statistics(per_atom=per_atom)
+        else:  # a datamodule whose statistics know no per-atom mode: compute from its training split
+            stats = self._statistics_from_split(dm, atomref, per_atom)
+        if not isinstance(stats, Mapping) or "mean_per_atom" not in stats:
+            raise ValueError(f"{type(dm).__name__}.train_statistics(per_atom=...) returned no 'mean_per_atom'")
+        self.set_normalization(stats["mean"], stats["std"], atomref, mean_per_atom=stats["mean_per_atom"], mode=modes)
+
+    def _statistics_from_split(self, dm: Any, atomref: Tensor | None, per_atom: list[bool]) -> dict[str, Any]:
+        """:func:`target_statistics` over ``dm.split_dataset("train")``, item by item (after atomrefs)."""
+        if not hasattr(dm, "split_dataset"):
+            raise ValueError(f"PropertyTask: per-atom normalisation needs {type(dm).__name__}.train_statistics(per_atom=...) "
+                             "or a split_dataset('train'); pass normalization= instead")
+        if hasattr(dm, "setup"):
+            dm.setup("fit")
+        ref = None if atomref is None else torch.as_tensor(atomref, dtype=torch.float64)
+        ys, ns = [], []
+        for item in dm.split_dataset("train"):
+            y = item.y.to(torch.float64).reshape(-1)
+            if ref is not None:
+                y = y - ref[:, item.z].sum(1)
+            ys.append(y)
+            ns.append(int(item.z.numel()))
+        return target_statistics(torch.stack(ys), torch.tensor(ns), per_atom)
 
     # ------------------------------------------------------------------ normalisation API
 
@@ -250,13 +367,27 @@ class PropertyTask(pl.LightningModule):
         out = torch.zeros(num_graphs, per_atom.shape[1], dtype=torch.float64, device=z.device)
         return out.index_add_(0, index, per_atom)
 
+    def per_atom_offset(self, batch: Any) -> Tensor:
+        """[B, T] float64 ``N * mean_per_atom[t]`` of each graph (zero for per-molecule targets)."""
+        z = batch.z
+        index = getattr(batch, "batch", None)
+        if index is None:
+            n = torch.full((1,), float(z.numel()), dtype=torch.float64, device=z.device)
+        else:
+            n = torch.bincount(index, minlength=int(getattr(batch, "num_graphs", 1))).to(torch.float64)
+        return n[:, None] * self.target_mean_per_atom.to(z.device)
+
     def normalize(self, y: Tensor, batch: Any) -> Tensor:
         """Targets [B, T] in target units -> normalised [B, T] float64."""
-        return (y.to(torch.float64) - self.atomref_sum(batch) - self.target_mean) / self.target_std
+        return (y.to(torch.float64) - self.atomref_sum(batch) - self.target_mean - self.per_atom_offset(batch)) / self.target_std
 
     def denormalize(self, out: Tensor, batch: Any) -> Tensor:
-        """Network output [B, T] (normalised) -> properties [B, T] float64 in target units."""
-        return out.to(torch.float64) * self.target_std + self.target_mean + self.atomref_sum(batch)
+        """Network output [B, T] (normalised) -> properties [B, T] float64 in target units.
+
+        ``out * std + mean + N * mean_per_atom + sum_atoms atomref`` (the per-atom term is an
+        exact zero for per-molecule targets, so their values are bit for bit those of earlier versions).
+        """
+        return out.to(torch.float64) * self.target_std + self.target_mean + self.per_atom_offset(batch) + self.atomref_sum(batch)
 
     # British spelling aliases
     normalise = normalize
@@ -443,8 +574,10 @@ class PropertyTask(pl.LightningModule):
         """Fields of a shipped model's JSON (:mod:`equiformer.hub`) from a checkpoint's ``hyper_parameters``.
 
         Returns ``{"model": {"name", "config"}, "targets": [{"name", "unit", "report_unit",
-        "report_scale", "description"}], "normalization": {"mean", "std"}, "atomref":
-        {target: {Z: value}}}`` (zero atomref entries left out).
+        "report_scale", "description"}], "normalization": {"mean", "std", "mean_per_atom",
+        "mode"}, "atomref": {target: {Z: value}}}`` (zero atomref entries left out;
+        ``mean_per_atom``/``mode`` only when the checkpoint records them, so the JSON of a
+        checkpoint from before per-atom normalisation is unchanged).
         """
         targets = list(hparams["targets"])
         info = hparams.get("target_info") or {}
@@ -461,9 +594,14 @@ class PropertyTask(pl.LightningModule):
             nz = {str(z): float(v) for z, v in enumerate(row) if float(v) != 0.0}
             if nz:
                 atomref[t] = nz
+        normalization: dict[str, Any] = {"mean": [float(v) for v in norm["mean"]], "std": [float(v) for v in norm["std"]]}
+        if norm.get("mean_per_atom") is not None:
+            normalization["mean_per_atom"] = [float(v) for v in norm["mean_per_atom"]]
+            normalization["mode"] = [str(m) for m in (norm.get("mode") or
+                                                      ["per_atom" if float(v) != 0.0 else "per_molecule" for v in norm["mean_per_atom"]])]
         return {
             "model": {"name": hparams["model"], "config": dict(hparams.get("model_kwargs") or {})},
             "targets": tlist,
-            "normalization": {"mean": [float(v) for v in norm["mean"]], "std": [float(v) for v in norm["std"]]},
+            "normalization": normalization,
             "atomref": atomref,
         }

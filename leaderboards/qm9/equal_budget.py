@@ -3,8 +3,9 @@
 Used for the side-by-side table in ``leaderboards/qm9/README.md``: Equiformer (ours) and
 TorchMD-NET's equivariant transformer (peer) get the same split (Equiformer's seed-1
 110,000 / 10,000 / 10,831), the same task (:class:`~equiformer.tasks.property.PropertyTask`:
-targets standardised after subtracting free-atom energies, L1 loss, AdamW, linear warm-up +
-cosine, EMA of weights), the same batch size and the same GPU time. Each keeps the learning
+targets standardised after subtracting free-atom energies, extensive ones (U0) per atom with
+``--normalize auto``, the default, L1 loss, AdamW, linear warm-up + cosine, EMA of weights),
+the same batch size and the same GPU time. Each keeps the learning
 rate of its own paper recipe (Equiformer 5e-4, TorchMD-NET ET 4e-4).
 
 The budget becomes a number of optimiser steps: a short probe measures the model's training
@@ -83,7 +84,7 @@ def build(args: argparse.Namespace, total_steps: int | None):
     task = PropertyTask(
         model=name, model_kwargs=kwargs, targets=list(dm.target_names), lr=args.lr or lr,
         weight_decay=args.weight_decay, warmup_steps=warmup, warmup_start_lr=1e-6, min_lr=1e-6,
-        ema_decay=args.ema_decay, loss="l1",
+        ema_decay=args.ema_decay, loss="l1", normalize=args.normalize,
     )
     return dm, task
 
@@ -101,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--weight-decay", type=float, default=5e-3)
     p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--normalize", choices=["auto", "per_molecule", "per_atom"], default="auto",
+                   help="target standardisation for both models: 'auto' (default) per atom for extensive targets "
+                        "(U0), per molecule for the others; 'per_molecule' as the runs before this option")
     p.add_argument("--num-workers", type=int, default=6)
     p.add_argument("--evals", type=int, default=4, help="validation passes during training")
     p.add_argument("--root", default=None, help="QM9 cache folder")
@@ -173,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model, "device": device, "parameters": sum(p.numel() for p in task.model.parameters()), "targets": list(dm.target_names),
         "budget_s": args.budget_s, "probe_s": probe_s, "train_s": train_s, "steps": done, "planned_steps": steps,
         "epochs": done * args.batch_size / train_molecules, "batch_size": args.batch_size,
+        "normalize": args.normalize, "normalization_modes": dict(zip(task.targets, task.normalization_modes)),
         "molecules_per_s_probe": rate, "molecules_per_s_train": timer.molecules_per_s,
         "val": {k: float(v) for k, v in val.items()}, "test": {k: float(v) for k, v in test.items()},
         "command": "python leaderboards/qm9/equal_budget.py " + " ".join(argv if argv is not None else sys.argv[1:]),
