@@ -173,7 +173,7 @@ class PropertyTask(pl.LightningModule):
                 raise ValueError("PropertyTask: normalization must be {'mean': [T], 'std': [T], 'atomref': [T][119] (optional), "
                                  "'mean_per_atom': [T] (optional), 'mode': [T] (optional)}")
             mode = normalization.get("mode")
-            explicit = self._explicit_modes()
+            explicit = self._explicit_modes() if self._normalize_spec is not None else None
             if mode is not None and explicit is not None and list(mode) != explicit:
                 raise ValueError(f"PropertyTask: normalize={normalize!r} asks for modes {explicit} but normalization "
                                  f"was computed for {list(mode)}")
@@ -199,10 +199,10 @@ class PropertyTask(pl.LightningModule):
         return {**kwargs, "num_targets": num_targets}
 
     @staticmethod
-    def _check_normalize(spec: Any, targets: list[str]) -> str | dict[str, str]:
-        """Validate ``normalize``: returns ``"per_molecule"``, ``"per_atom"``, ``"auto"`` or ``{target: mode}``."""
+    def _check_normalize(spec: Any, targets: list[str]) -> str | dict[str, str] | None:
+        """Validate ``normalize``: returns None, ``"per_molecule"``, ``"per_atom"``, ``"auto"`` or ``{target: mode}``."""
         if spec is None:
-            return "per_molecule"
+            return None
         if isinstance(spec, str):
             if spec not in (*NORMALIZATION_MODES, "auto"):
                 raise ValueError(f"PropertyTask: unknown normalize={spec!r}; choose one of "
@@ -223,6 +223,8 @@ class PropertyTask(pl.LightningModule):
         spec = self._normalize_spec
         if spec == "auto":
             return None
+        if spec is None:  # not asked: per molecule, as before the option
+            return ["per_molecule"] * len(self.targets)
         if isinstance(spec, str):
             return [spec] * len(self.targets)
         return [spec.get(t, "per_molecule") for t in self.targets]

@@ -283,3 +283,12 @@ def test_shipped_qm9_model_predicts_exactly_as_before():
             old[:, k] = old[:, k].clamp(min=float(t["minimum"]))
     assert torch.equal(values, old)
     assert torch.equal(hub.denormalize(out, batch.z, batch.batch, meta), old)
+
+
+def test_given_statistics_carry_their_mode(dm):
+    """normalize unset + normalization with a mode (e.g. computed outside the task): the mode is taken as given."""
+    stats = dm.train_statistics(per_atom=[False, True, True])
+    task = PropertyTask(model_kwargs=TINY_CONFIG, targets=["homo", "U0", "zpve"], ema_decay=None,
+                        normalization={**stats, "atomref": dm.atomrefs()})
+    assert task.normalization_modes == ["per_molecule", "per_atom", "per_atom"]
+    assert torch.equal(task.target_mean_per_atom, stats["mean_per_atom"])
