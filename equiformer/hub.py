@@ -47,7 +47,11 @@ from typing import Any
 
 import torch
 
-FORMAT_VERSION = 1
+#: newest file format this module reads. 2 = ``normalization.mean_per_atom`` present: written
+#: only for models that use it, so that an equiformer reading version 1 refuses such a file
+#: (it would ignore the per-atom term and be wrong by ``N * mean_per_atom``) instead of
+#: mispredicting; files of per-molecule models stay version 1.
+FORMAT_VERSION = 2
 PACKAGE_DIR = Path(__file__).resolve().parent / "pretrained"
 ENV_DIRS = "EQUIFORMER_MODELS"
 
@@ -217,6 +221,8 @@ def check_metadata(meta: Mapping[str, Any], where: str = "metadata") -> None:
     if mpa is not None and (not isinstance(mpa, list) or len(mpa) != len(targets)
                             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in mpa)):
         raise PretrainedError(f"{where}: normalization.mean_per_atom must list one number per target ({len(targets)})")
+    if mpa is not None and any(float(v) != 0.0 for v in mpa) and meta.get("format_version", 1) < 2:
+        raise PretrainedError(f"{where}: normalization.mean_per_atom needs format_version 2 (readers of version 1 ignore it)")
     mode = norm.get("mode")
     if mode is not None and (not isinstance(mode, list) or len(mode) != len(targets)
                              or any(m not in ("per_molecule", "per_atom") for m in mode)):
@@ -333,7 +339,8 @@ def save_pretrained(
         if config is None or model_name is None:
             raise PretrainedError("metadata needs 'model': {'name', 'config'} (the model has no .config/.model_name)")
         meta["model"] = {"name": model_name, "config": dict(config)}
-    meta.setdefault("format_version", FORMAT_VERSION)
+    uses_per_atom = any(float(v) != 0.0 for v in (meta.get("normalization") or {}).get("mean_per_atom") or [])
+    meta.setdefault("format_version", 2 if uses_per_atom else 1)
     meta.setdefault("equiformer_version", __version__)
     meta.setdefault("license", "MIT")
     meta.setdefault("atomref", {})

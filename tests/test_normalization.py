@@ -233,6 +233,7 @@ def test_export_writes_the_mode_and_predictor_agrees_with_the_task(per_atom_ckpt
     assert norm["mode"] == ["per_molecule", "per_atom"]
     assert norm["mean_per_atom"] == [0.0, float(task.target_mean_per_atom[1])] and norm["mean"][1] == 0.0
     assert norm["std"] == task.target_std.tolist()
+    assert meta["format_version"] == 2  # an equiformer that reads only version 1 refuses it rather than ignore the term
 
     from equiformer.api import Predictor
 
@@ -252,13 +253,17 @@ def test_export_writes_the_mode_and_predictor_agrees_with_the_task(per_atom_ckpt
 
 
 def test_metadata_checks_the_new_fields(tmp_path):
-    meta = {"name": "m", "model": {"name": "equiformer", "config": {}}, "targets": [{"name": "U0"}],
+    meta = {"name": "m", "model": {"name": "equiformer", "config": {}}, "targets": [{"name": "U0"}], "format_version": 2,
             "normalization": {"mean": [0.0], "std": [1.0], "mean_per_atom": [-4.2, 1.0]}}
     with pytest.raises(hub.PretrainedError, match="mean_per_atom must list one number per target"):
         hub.check_metadata(meta)
     meta["normalization"] = {"mean": [0.0], "std": [1.0], "mean_per_atom": [-4.2], "mode": ["atom"]}
     with pytest.raises(hub.PretrainedError, match="normalization.mode"):
         hub.check_metadata(meta)
+    meta["normalization"]["mode"] = ["per_atom"]
+    with pytest.raises(hub.PretrainedError, match="needs format_version 2"):
+        hub.check_metadata({**meta, "format_version": 1})
+    hub.check_metadata({**meta, "format_version": 2})
 
 
 def test_shipped_qm9_model_predicts_exactly_as_before():
@@ -270,6 +275,7 @@ def test_shipped_qm9_model_predicts_exactly_as_before():
 
     model, meta = hub.load_pretrained(js)
     assert "mean_per_atom" not in meta["normalization"] and "mode" not in meta["normalization"]
+    assert meta["format_version"] == 1
     batch = Batch.from_data_list([from_smiles(s) for s in SMILES])
     with torch.no_grad():
         out = model(batch)["y"].to(torch.float64)
