@@ -65,30 +65,10 @@ PAPER_MAE = {
 }
 
 
-def make_timer_callback(skip: int = 3):
-    import lightning as L
+def make_timer_callback(skip: int):
+    from equiformer.tasks.throughput import ThroughputTimer
 
-    class _Timer(L.Callback):
-        """Training throughput (structures/s) after ``skip`` warm-up steps (CUDA-synchronised)."""
-
-        def __init__(self) -> None:
-            self.skip, self.t0, self.steps, self.structures, self.elapsed = skip, None, 0, 0, 0.0
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            if trainer.global_step == self.skip:
-                self.t0 = time.perf_counter()
-            elif self.t0 is not None:
-                self.steps += 1
-                self.structures += int(batch.num_graphs)
-                self.elapsed = time.perf_counter() - self.t0
-
-        @property
-        def structures_per_s(self) -> float:
-            return self.structures / self.elapsed if self.elapsed > 0 else float("nan")
-
-    return _Timer()
+    return ThroughputTimer(skip=skip)
 
 
 def register(model: str) -> str:
@@ -210,7 +190,7 @@ def run_one(args: argparse.Namespace, model: str, target: str, budget_s: float) 
         # iComFormer memoises per-structure graphs (host work); the training run keeps the filled cache
         probe_cache = getattr(task.model, "lattice_cache", None)
         probe_s = time.perf_counter() - t_start
-        rate = timer.structures_per_s
+        rate = timer.graphs_per_s
         sizes = dm.split_sizes()
         seconds_per_step = spec["batch_size"] / rate
         left = budget_s - probe_s
@@ -254,7 +234,7 @@ def run_one(args: argparse.Namespace, model: str, target: str, budget_s: float) 
         "config": dict(task.model.config), "recipe": {k: spec[k] for k in ("lr", "betas", "weight_decay", "loss", "batch_size", "clip")},
         "budget_s": budget_s if math.isfinite(budget_s) else None, "probe_s": round(probe_s, 2), "graph_cache_s": round(graph_s, 2), "train_s": round(train_s, 2), "wall_s": round(time.perf_counter() - t_start, 2),
         "steps": done, "planned_steps": steps, "epochs": round(done / steps_per_epoch, 3), "batch_size": spec["batch_size"],
-        "structures_per_s_probe": round(rate, 1), "structures_per_s_train": round(timer.structures_per_s, 1),
+        "structures_per_s_probe": round(rate, 1), "structures_per_s_train": round(timer.graphs_per_s, 1),
         "split": sizes, "val_mae": _mae_from(val, "val", target, info.report_scale),
         "test_mae": _mae_from(test, "test", target, info.report_scale),
         "best_checkpoint": str(ckpt.best_model_path), "curve": curve,

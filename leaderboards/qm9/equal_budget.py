@@ -38,28 +38,10 @@ MODELS = {
 }
 
 
-def make_timer_callback(skip: int = 5):
-    import lightning as L
+def make_timer_callback(skip: int):
+    from equiformer.tasks.throughput import ThroughputTimer
 
-    class _Timer(L.Callback):
-        def __init__(self) -> None:
-            self.skip, self.t0, self.steps, self.molecules, self.elapsed = skip, None, 0, 0, 0.0
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            if trainer.global_step == self.skip:
-                self.t0 = time.perf_counter()
-            elif self.t0 is not None:
-                self.steps += 1
-                self.molecules += int(batch.num_graphs)
-                self.elapsed = time.perf_counter() - self.t0
-
-        @property
-        def molecules_per_s(self) -> float:
-            return self.molecules / self.elapsed if self.elapsed > 0 else float("nan")
-
-    return _Timer()
+    return ThroughputTimer(skip=skip)
 
 
 def build(args: argparse.Namespace, total_steps: int | None):
@@ -136,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], precision="32-true",
         ).fit(task, datamodule=dm)
         probe_s = time.perf_counter() - t_start
-        rate = timer.molecules_per_s
+        rate = timer.graphs_per_s
         n_params = sum(p.numel() for p in task.model.parameters())
         print(f"[{args.model}] probe: {rate:.0f} molecules/s, {n_params/1e6:.2f} M parameters, {probe_s:.0f} s", flush=True)
 
@@ -178,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "budget_s": args.budget_s, "probe_s": probe_s, "train_s": train_s, "steps": done, "planned_steps": steps,
         "epochs": done * args.batch_size / train_molecules, "batch_size": args.batch_size,
         "normalize": args.normalize, "normalization_modes": dict(zip(task.targets, task.normalization_modes)),
-        "molecules_per_s_probe": rate, "molecules_per_s_train": timer.molecules_per_s,
+        "molecules_per_s_probe": rate, "molecules_per_s_train": timer.graphs_per_s,
         "val": {k: float(v) for k, v in val.items()}, "test": {k: float(v) for k, v in test.items()},
         "command": "python leaderboards/qm9/equal_budget.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "torch": torch.__version__,
