@@ -13,3 +13,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """:func:`one_thread` for a whole module; opt in with ``pytestmark = pytest.mark.usefixtures("one_thread_module")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def qm9_root(tmp_path_factory):
+    """A fresh QM9 cache folder per test module (processed from the installed qm9pack on first use)."""
+    return str(tmp_path_factory.mktemp("qm9_cache"))

@@ -37,13 +37,7 @@ def qm9_csv() -> Path:
     return Path(spec.submodule_search_locations[0]) / "data" / "qm9_part1.csv"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small graphs: one thread is fastest, and avoids oversubscribing a shared CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

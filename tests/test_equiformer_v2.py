@@ -41,13 +41,7 @@ F64 = torch.float64
 # ------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small graphs: one thread is fastest and spares a shared CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def shared_data() -> Path:

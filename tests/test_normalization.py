@@ -36,17 +36,7 @@ U0_FREE_ATOM = {1: -0.500273, 6: -37.846772, 7: -54.583861, 8: -75.064579, 9: -9
 SMILES = ["C", "O", "N", "CCO", "c1ccncc1", "FC(F)F"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def qm9_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("qm9_cache"))
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

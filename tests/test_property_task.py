@@ -30,17 +30,7 @@ TINY = dict(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def qm9_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("qm9_cache"))
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _trainer(root, epochs, callbacks=(), **kw):
