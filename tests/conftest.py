@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """torch on one intra-op thread inside the block, the previous count restored after it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 @pytest.fixture
 def one_thread():
     """Run a test on one torch thread: small tensors only pay for the thread pool (and thrash on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def one_thread_module():
     """:func:`one_thread` for a whole module; opt in with ``pytestmark = pytest.mark.usefixtures("one_thread_module")``."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
