@@ -64,7 +64,7 @@ from torch.utils.data import Dataset, Subset
 
 from equiformer.tasks.ema import EMAWeights
 from equiformer.tasks.energy_force_metrics import EnergyForceMetrics
-from equiformer.tasks.schedulers import WarmupCosineLR, schedule_lengths, weight_decay_groups
+from equiformer.tasks.schedulers import adamw_warmup_cosine
 
 __all__ = ["EnergyForceTask", "NUM_ELEMENTS", "energy_force_statistics"]
 
@@ -564,19 +564,8 @@ class EnergyForceTask(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
 
-    def _param_groups(self) -> list[dict[str, Any]]:
-        return weight_decay_groups(self.model, self.hparams.weight_decay)
-
-    def schedule_lengths(self) -> tuple[int, int]:
-        """(warm-up steps, total steps of the cosine) for the trainer's run."""
-        hp = self.hparams
-        return schedule_lengths(self.trainer, hp.max_epochs, hp.warmup_steps, hp.warmup_epochs)
-
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self._param_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=1e-8)
-        warmup, total = self.schedule_lengths()
         start = hp.warmup_start_lr if hp.warmup_start_lr is not None else 0.2 * hp.lr
         final = hp.min_lr if hp.min_lr is not None else 0.01 * hp.lr
-        scheduler = WarmupCosineLR(optimizer, warmup_steps=warmup, total_steps=total, min_lr=final, warmup_start_lr=start)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        return adamw_warmup_cosine(self, warmup_start_lr=start, min_lr=final)

@@ -46,7 +46,7 @@ from torch.utils.data import RandomSampler
 from equiformer.tasks.datamodule import NORMALIZATION_MODES, target_statistics
 from equiformer.tasks.ema import EMAWeights
 from equiformer.tasks.metrics import PerTargetMAE, mae_key
-from equiformer.tasks.schedulers import WarmupCosineLR, schedule_lengths, weight_decay_groups
+from equiformer.tasks.schedulers import adamw_warmup_cosine
 
 __all__ = ["PropertyTask", "NUM_ELEMENTS"]
 
@@ -553,21 +553,8 @@ class PropertyTask(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
 
-    def _param_groups(self) -> list[dict[str, Any]]:
-        return weight_decay_groups(self.model, self.hparams.weight_decay)
-
-    def schedule_lengths(self) -> tuple[int, int]:
-        """(warm-up steps, total steps of the cosine) for the trainer's run."""
-        hp = self.hparams
-        return schedule_lengths(self.trainer, hp.max_epochs, hp.warmup_steps, hp.warmup_epochs)
-
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(self._param_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=1e-8)
-        warmup, total = self.schedule_lengths()
-        scheduler = WarmupCosineLR(optimizer, warmup_steps=warmup, total_steps=total, min_lr=hp.min_lr,
-                                   warmup_start_lr=hp.warmup_start_lr)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        return adamw_warmup_cosine(self, warmup_start_lr=self.hparams.warmup_start_lr, min_lr=self.hparams.min_lr)
 
     # ------------------------------------------------------------------ export
 

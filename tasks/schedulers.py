@@ -15,7 +15,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["WarmupCosineLR", "warmup_cosine_factor", "weight_decay_groups", "schedule_lengths"]
+__all__ = ["WarmupCosineLR", "warmup_cosine_factor", "weight_decay_groups", "schedule_lengths", "adamw_warmup_cosine"]
 
 
 def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_factor: float, warmup_start_factor: float) -> float:
@@ -108,3 +108,17 @@ def schedule_lengths(trainer: Any, max_epochs: float | None, warmup_steps: int |
         total = int(round(max_epochs * steps_per_epoch))
     warmup = int(warmup_steps) if warmup_steps is not None else int(round(warmup_epochs * steps_per_epoch))
     return warmup, max(total, 1)
+
+
+def adamw_warmup_cosine(module: Any, warmup_start_lr: float | None, min_lr: float | None) -> dict[str, Any]:
+    """``configure_optimizers`` result of a LightningModule with ``module.model`` and hparams ``lr``,
+    ``betas``, ``weight_decay``, ``max_epochs``, ``warmup_steps``, ``warmup_epochs``: AdamW over
+    :func:`weight_decay_groups` and :class:`WarmupCosineLR` laid over :func:`schedule_lengths`,
+    stepped once per optimizer step (``None`` learning rates take WarmupCosineLR's defaults)."""
+    import torch
+
+    hp = module.hparams
+    optimizer = torch.optim.AdamW(weight_decay_groups(module.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas), eps=1e-8)
+    warmup, total = schedule_lengths(module.trainer, hp.max_epochs, hp.warmup_steps, hp.warmup_epochs)
+    scheduler = WarmupCosineLR(optimizer, warmup_steps=warmup, total_steps=total, min_lr=min_lr, warmup_start_lr=warmup_start_lr)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
