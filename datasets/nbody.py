@@ -216,15 +216,9 @@ def _log_uniform(lo: float, hi: float, shape: Sequence[int], gen: torch.Generato
 
 def _haar_rotations(num: int, gen: torch.Generator, dtype: torch.dtype) -> Tensor:
     """Haar-random proper rotations ``[num, 3, 3]`` (unit quaternions from a 4D Gaussian)."""
-    q = torch.randn(num, 4, generator=gen, dtype=dtype)
-    q = q / q.norm(dim=-1, keepdim=True)
-    w, x, y, z = q.unbind(-1)
-    rows = [
-        [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-        [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-        [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
-    ]
-    return torch.stack([torch.stack(r, -1) for r in rows], -2)
+    from equiformer.ga.embedding import quaternion_to_matrix
+
+    return quaternion_to_matrix(torch.randn(num, 4, generator=gen, dtype=dtype))
 
 
 def sample_initial_states(

@@ -10,19 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from equiformer.ga.embedding import quaternion_to_matrix  # one implementation, re-exported here
+
 __all__ = ["random_rotation", "random_orthogonal", "random_reflection", "quaternion_to_matrix"]
-
-
-def quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:
-    """Rotation matrices [..., 3, 3] of (not necessarily unit) quaternions [..., 4] = (w, x, y, z)."""
-    q = q / q.norm(dim=-1, keepdim=True)
-    w, x, y, z = q.unbind(-1)
-    rows = [
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-    ]  # fmt: skip
-    return torch.stack(rows, dim=-1).reshape(q.shape[:-1] + (3, 3))
 
 
 def random_rotation(
