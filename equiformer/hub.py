@@ -10,7 +10,8 @@ A shipped model is two files side by side, and nothing in them is executable:
 
         {"format_version": 1, "name": "qm9-equiformer", "description": "...",
          "model": {"name": "equiformer", "config": {...constructor kwargs...}},
-         "targets": [{"name": "homo", "unit": "eV", "description": "..."}, ...],
+         "targets": [{"name": "homo", "unit": "eV", "description": "...",
+                      "minimum": 0.0}, ...],                      # minimum optional: predictions clamped to it
          "normalization": {"mean": [...], "std": [...],           # one per target
                            "mean_per_atom": [...],                 # optional (0 if absent)
                            "mode": ["per_molecule" | "per_atom", ...]},  # optional, informative
@@ -241,7 +242,8 @@ def denormalize(out: torch.Tensor, z: torch.Tensor, batch: torch.Tensor, meta: M
     """Model output [B, T] (normalised) -> properties [B, T] in the targets' units.
 
     ``value = out * std + mean + N * mean_per_atom + sum over the graph's atoms of atomref[target][z]``
-    (``N`` = the graph's atoms; the per-atom term only when the metadata has ``mean_per_atom``).
+    (``N`` = the graph's atoms; the per-atom term only when the metadata has ``mean_per_atom``),
+    clamped from below where a target declares a ``minimum`` (band gaps: 0).
 
     Args:
         out: [B, T] normalised predictions.
@@ -261,6 +263,10 @@ def denormalize(out: torch.Tensor, z: torch.Tensor, batch: torch.Tensor, meta: M
     if table is not None:
         per_atom = table[z]  # [N, T]
         value = value.index_add(0, batch, per_atom) if value.shape[0] else value
+    # physical bounds a target declares (band gaps are >= 0: a metal's small negative output is 0)
+    for k, t in enumerate(meta["targets"]):
+        if t.get("minimum") is not None:
+            value[:, k] = value[:, k].clamp(min=float(t["minimum"]))
     assert value.shape[-1] == len(names)
     return value
 
