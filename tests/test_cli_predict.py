@@ -178,3 +178,12 @@ def test_console_script_runs_in_seconds_for_one_molecule(model_dir):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)[0]["input"] == "CCO"
     assert elapsed < 60, f"equiformer predict took {elapsed:.1f} s"
+
+
+def test_command_defaults_mirror_the_api_defaults():
+    """commands/predict.py repeats the default model names (importing equiformer.api would slow start-up)."""
+    from equiformer import api
+    from equiformer.commands import predict
+
+    assert predict.DEFAULT_MODEL == api.DEFAULT_MODEL
+    assert tuple(predict.DEFAULT_CRYSTAL_MODELS) == tuple(api.DEFAULT_CRYSTAL_MODELS)

@@ -106,7 +106,7 @@ def default_model_groups(inputs: list) -> list[tuple[list[str], list]]:
 
     Returns ``[(model names, converted structures), ...]`` in order of first appearance.
     """
-    from equiformer.api import DEFAULT_CRYSTAL_MODELS, to_structures
+    from equiformer.api import to_structures
 
     molecules, crystals, order = [], [], []
     for i, item in enumerate(inputs):
