@@ -2,6 +2,7 @@
 
     python benchmarks/bench_gatr.py --device cuda --tokens 1024 4096 16384 --out results.json
     python benchmarks/bench_gatr.py --device cuda --tokens 1024 4096 16384 --compile-only --out compiled.json
+    python benchmarks/bench_gatr.py --device cuda --tokens 1024 4096 16384 --cuda-graphs --out with_graphs.json
     python benchmarks/bench_gatr.py --device cpu --tokens 64 128 --mv-channels 4 --s-channels 8 --blocks 2   # smoke test
 
 One training step (forward, mean of the outputs, backward) over ``batch`` sets of ``tokens``
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from equiformer.ga import GATr, embed_point
+from equiformer.ga.attention import sdpa_head_width
 from equiformer.models.baselines import TransformerEncoder
 
 PRECISIONS = ("fp32", "bf16")
@@ -56,6 +58,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     p.add_argument("--compile", action="store_true", help="also run torch.compile'd models")
     p.add_argument("--compile-only", action="store_true", help="run only torch.compile'd models")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also run each step as one captured CUDA graph (no launch overhead; CUDA only)")
     p.add_argument("--models", nargs="+", default=["gatr", "transformer"], choices=["gatr", "transformer"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
@@ -106,9 +110,9 @@ def sdpa_backends(name: str, args: argparse.Namespace, device: torch.device, dty
         return "cpu"
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if name == "gatr":
+    if name == "gatr":  # the padded head size GATr really hands to SDPA
         d = gatr_dims(args)
-        qk, v = d["qk"], d["v"]
+        qk = v = sdpa_head_width(d["qk"], d["v"])
     else:
         qk = v = (16 * args.mv_channels + args.s_channels) // args.heads
     ok = []
@@ -143,37 +147,76 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_step(model: torch.nn.Module, inputs: Callable[[], tuple], device: torch.device, precision: str,
-              warmup: int, repeats: int) -> tuple[float, float | None]:
-    """(median seconds per forward+backward step, peak memory in GiB or None on CPU)."""
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    # cache_enabled=False: autocast's weight-cast cache must not outlive a captured CUDA graph
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+    return contextlib.nullcontext()
 
+
+def time_step(model: torch.nn.Module, inputs: Callable[[], tuple], device: torch.device, precision: str,
+              warmup: int, repeats: int, cuda_graph: bool = False) -> tuple[float, float | None]:
+    """(median seconds per forward+backward step, peak memory in GiB or None on CPU).
+
+    ``cuda_graph``: after the warm-up (on a side stream), the whole step (forward, loss, backward
+    into the parameters' ``.grad``) is captured once as a CUDA graph and the timed steps replay
+    it: the same kernels without Python, dispatcher and launch overhead. The peak memory then
+    covers warm-up, capture and replays.
+    """
     def step() -> None:
-        with autocast:
+        with _autocast(device, precision):
             loss = _outputs_mean(model(*inputs()))
         loss.backward()
+
+    def zero_grads() -> None:
         for p in model.parameters():
             p.grad = None
 
-    for _ in range(warmup):
-        step()
-    _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if cuda_graph:
+        if device.type != "cuda":
+            raise RuntimeError("CUDA graphs need --device cuda")
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(max(warmup, 2)):
+                step()
+                zero_grads()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # grads are None here, so the captured backward allocates them in the graph's pool
+            step()
+        run = graph.replay
+    else:
+        def run() -> None:
+            step()
+            zero_grads()
+
+        for _ in range(warmup):
+            run()
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
-        step()
+        run()
         _sync(device)
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return statistics.median(times), peak
 
 
-def run_row(name: str, args: argparse.Namespace, device: torch.device, precision: str, compiled: bool) -> dict[str, Any]:
+MODES = ("eager", "compile", "cuda-graph")
+
+
+def run_row(name: str, args: argparse.Namespace, device: torch.device, precision: str, mode: str) -> dict[str, Any]:
+    """One (model, tokens, precision, mode) measurement; ``mode`` is one of :data:`MODES`."""
+    compiled = mode == "compile"
     row: dict[str, Any] = {"model": name, "tokens": args.tokens_now, "batch": args.batch, "precision": precision,
-                           "compile": compiled}
+                           "mode": mode, "compile": compiled}
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     row["sdpa"] = sdpa_backends(name, args, device, dtype)
     model = None
@@ -181,7 +224,7 @@ def run_row(name: str, args: argparse.Namespace, device: torch.device, precision
         model, inputs = build(name, args, device)
         row["parameters"] = sum(p.numel() for p in model.parameters())
         fn = torch.compile(model) if compiled else model
-        sec, peak = time_step(fn, inputs, device, precision, args.warmup, args.repeats)
+        sec, peak = time_step(fn, inputs, device, precision, args.warmup, args.repeats, cuda_graph=mode == "cuda-graph")
         row.update(ms=1e3 * sec, tokens_per_s=args.batch * args.tokens_now / sec, peak_gib=peak)
     except torch.OutOfMemoryError:
         row["error"] = "OOM"
@@ -197,10 +240,10 @@ def run_row(name: str, args: argparse.Namespace, device: torch.device, precision
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """``ratio`` = GATr ms / transformer ms for matching (tokens, precision, compile)."""
-    ref = {(r["tokens"], r["precision"], r["compile"]): r for r in rows if r["model"] == "transformer" and "ms" in r}
+    """``ratio`` = GATr ms / transformer ms for matching (tokens, precision, mode)."""
+    ref = {(r["tokens"], r["precision"], r["mode"]): r for r in rows if r["model"] == "transformer" and "ms" in r}
     for r in rows:
-        t = ref.get((r["tokens"], r["precision"], r["compile"]))
+        t = ref.get((r["tokens"], r["precision"], r["mode"]))
         if r["model"] == "gatr" and "ms" in r and t is not None:
             r["ratio_vs_transformer"] = r["ms"] / t["ms"]
 
@@ -211,15 +254,15 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     head = (f"GATr {args.mv_channels} mv + {args.s_channels} s channels vs transformer width {width}; "
             f"{args.blocks} blocks, {args.heads} heads, batch {args.batch}; GATr per-head q/k {d['qk']}, v {d['v']}; "
             f"forward+backward, median of {args.repeats}\n\n")
-    lines = ["| model | tokens | precision | compile | ms / step | tokens/s | peak GiB | GATr / transformer | SDPA kernels |",
+    lines = ["| model | tokens | precision | mode | ms / step | tokens/s | peak GiB | GATr / transformer | SDPA kernels |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['tokens']} | {r['precision']} | {r['compile']} | {r['error']} | – | – | – | {r['sdpa']} |")
+            lines.append(f"| {r['model']} | {r['tokens']} | {r['precision']} | {r['mode']} | {r['error']} | – | – | – | {r['sdpa']} |")
             continue
         peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "–"
         ratio = f"{r['ratio_vs_transformer']:.2f}" if "ratio_vs_transformer" in r else "–"
-        lines.append(f"| {r['model']} | {r['tokens']} | {r['precision']} | {r['compile']} | {r['ms']:.2f} | "
+        lines.append(f"| {r['model']} | {r['tokens']} | {r['precision']} | {r['mode']} | {r['ms']:.2f} | "
                      f"{r['tokens_per_s']:,.0f} | {peak} | {ratio} | {r['sdpa']} |")
     return head + "\n".join(lines)
 
@@ -236,12 +279,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
         torch.backends.cudnn.allow_tf32 = not args.no_tf32
     rows = []
-    for compiled in ([True] if args.compile_only else [False, True] if args.compile else [False]):
+    modes = ["compile"] if args.compile_only else ["eager"] + (["compile"] if args.compile else [])
+    if args.cuda_graphs:
+        modes.append("cuda-graph")
+    for mode in modes:
         for precision in args.precisions:
             for n in args.tokens:
                 args.tokens_now = n
                 for name in args.models:
-                    row = run_row(name, args, device, precision, compiled)
+                    row = run_row(name, args, device, precision, mode)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     add_ratios(rows)

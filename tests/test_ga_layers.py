@@ -601,3 +601,58 @@ def test_attention_pads_heads_for_fused_kernels_without_changing_the_result():
     ref = weights @ torch.cat([v_mv.flatten(-2), v_s], dim=-1)
     torch.testing.assert_close(mv, ref[..., : 16 * C].unflatten(-1, (C, 16)), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(s, ref[..., 16 * C :], rtol=1e-12, atol=1e-12)
+
+
+def test_sdpa_head_width():
+    from equiformer.ga.attention import sdpa_head_width
+
+    assert [sdpa_head_width(q, v) for q, v in ((42, 48), (13, 17), (8, 8), (64, 40), (1, 1))] == [48, 24, 8, 64, 8]
+
+
+@pytest.mark.parametrize("head_s,width", [(0, 16), (3, 24), (8, 24), (19, 40), (35, 56)])
+def test_geometric_attention_pads_to_sdpa_head_width(head_s, width, monkeypatch):
+    """q, k and v reach SDPA with one head size, a multiple of 8 (one mv channel per head:
+    q/k 13 + head_s features, v 16 + head_s), and the padding does not change the result."""
+    from equiformer.ga import attention
+
+    seen = {}
+    real = attention.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen["shapes"] = (q.shape[-1], k.shape[-1], v.shape[-1])
+        return real(q, k, v, **kw)
+
+    g = gen(5)
+    mv = torch.randn(1, 2, 5, 1, 16, generator=g, dtype=torch.float64)
+    s = torch.randn(1, 2, 5, head_s, generator=g, dtype=torch.float64)
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    out_mv, out_s = attention.geometric_attention(mv, mv, mv, s, s, s)
+    assert seen["shapes"] == (width, width, width)
+    assert width == attention.sdpa_head_width(13 + head_s, 16 + head_s)
+    # unpadded reference: softmax(q.k / sqrt(d_qk)) v
+    q = attention.attention_features(mv, s, "query")
+    k = attention.attention_features(mv, s, "key")
+    w = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    torch.testing.assert_close(out_mv.flatten(-2), w @ mv.flatten(-2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out_s, w @ s, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gatr_attention_runs_on_flash_and_efficient_kernels():
+    """With the padded head size the fused kernels accept GATr's q/k/v (no silent math fallback)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from equiformer.ga.attention import geometric_attention
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for backend, dtype in ((SDPBackend.FLASH_ATTENTION, torch.bfloat16), (SDPBackend.EFFICIENT_ATTENTION, torch.float32)):
+        mv = torch.randn(1, 8, 256, 2, 16, generator=g).to("cuda", dtype).requires_grad_()
+        s = torch.randn(1, 8, 256, 16, generator=g).to("cuda", dtype).requires_grad_()
+        with sdpa_kernel([backend]):
+            o_mv, o_s = geometric_attention(mv, mv, mv, s, s, s)
+            (o_mv.float().sum() + o_s.float().sum()).backward()
+        ref_mv, ref_s = geometric_attention(mv.double(), mv.double(), mv.double(), s.double(), s.double(), s.double())
+        tol = 5e-2 if dtype == torch.bfloat16 else 1e-4
+        torch.testing.assert_close(o_mv.double(), ref_mv, rtol=tol, atol=tol)
+        torch.testing.assert_close(o_s.double(), ref_s, rtol=tol, atol=tol)

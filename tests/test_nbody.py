@@ -336,7 +336,43 @@ def test_speed_benchmark_runs_on_cpu(tmp_path):
     rows = {r["model"]: r for r in res["rows"]}
     assert set(rows) == {"gatr", "transformer"} and all("ms" in r for r in rows.values())
     assert rows["gatr"]["ratio_vs_transformer"] == pytest.approx(rows["gatr"]["ms"] / rows["transformer"]["ms"])
-    assert "| gatr | 16 | fp32 |" in res["table"]
+    assert "| gatr | 16 | fp32 | eager |" in res["table"]
+
+
+def test_speed_benchmark_cuda_graph_mode_needs_cuda(tmp_path):
+    """--cuda-graphs on a CPU records the failure in its rows and keeps the eager rows."""
+    bench = _load_script(REPO / "benchmarks" / "bench_gatr.py", "bench_gatr")
+    out = tmp_path / "bench.json"
+    rc = bench.main(["--device", "cpu", "--tokens", "16", "--mv-channels", "2", "--s-channels", "4", "--blocks", "1",
+                     "--heads", "2", "--repeats", "1", "--warmup", "1", "--precisions", "fp32", "--cuda-graphs",
+                     "--out", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["eager", "eager", "cuda-graph", "cuda-graph"]
+    assert all("ms" in r for r in rows[:2])
+    assert all("CUDA graphs need --device cuda" in r["error"] for r in rows[2:])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_speed_benchmark_cuda_graph_replay_gives_eager_gradients():
+    """The captured step computes the same gradients as the eager step (so its timing is of the same work)."""
+    bench = _load_script(REPO / "benchmarks" / "bench_gatr.py", "bench_gatr")
+    args = bench._parse(["--tokens", "128", "--mv-channels", "4", "--s-channels", "16", "--blocks", "2", "--heads", "2"])
+    args.tokens_now = 128
+    device = torch.device("cuda")
+    for name in ("gatr", "transformer"):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        model, inputs = bench.build(name, args, device)
+        loss = bench._outputs_mean(model(*inputs()))
+        loss.backward()
+        del loss  # a live autograd graph would keep AccumulateGrad nodes on the default stream into the capture
+        eager = [p.grad.clone() for p in model.parameters()]
+        for p in model.parameters():
+            p.grad = None
+        bench.time_step(model, inputs, device, "fp32", warmup=2, repeats=2, cuda_graph=True)
+        for p, g in zip(model.parameters(), eager):
+            torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
 
 
 def test_leaderboard_script_table(tmp_path):
@@ -368,3 +404,55 @@ def test_generation_and_models_on_cuda():
         loss = ((model(data)["pos"] - data.pos_final) ** 2).mean()
         loss.backward()
         assert torch.isfinite(loss)
+
+
+def test_leaderboard_tests_in_full_fp32_and_restores_precision():
+    run = _load_script(REPO / "leaderboards" / "nbody" / "run.py", "nbody_run")
+    prev = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with run.full_fp32_matmuls():
+            assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(prev[0])
+        torch.backends.cudnn.allow_tf32 = prev[1]
+
+
+def test_gatr_translation_equivariance_needs_full_fp32_at_large_offsets():
+    """Why run.py tests without TF32: GATr's predictions for a system moved to x = +200 agree with
+    the unmoved ones to ~1e-9 (MSE) in float32, but not when matmul inputs are rounded to TF32's
+    10-bit mantissa (emulated here), because the embedded points carry the raw coordinates."""
+    import torch.nn.functional as F
+
+    from equiformer.models.gatr_nbody import GATrNBody
+
+    torch.manual_seed(0)
+    model = GATrNBody(num_blocks=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.abs().sum():
+                p.normal_(0.0, 0.02)  # the output layer starts at zero ("no motion"): give it weights
+    g = torch.Generator().manual_seed(1)
+    pos, vel = torch.randn(32, 3, generator=g) * 2, torch.randn(32, 3, generator=g) * 0.3
+    mass, batch = torch.rand(32, 1, generator=g), torch.arange(8).repeat_interleave(4)
+    linear = F.linear
+
+    def tf32(x):
+        i = x.contiguous().view(torch.int32)
+        return ((i + 0x1000) & ~0x1FFF).view(torch.float32)
+
+    def displacement(shift: float, emulate_tf32: bool) -> torch.Tensor:
+        data = Data(pos=pos + torch.tensor([shift, 0.0, 0.0]), vel=vel, mass=mass, batch=batch)
+        if emulate_tf32:
+            F.linear = lambda x, w, b=None: linear(tf32(x), tf32(w), b)
+        try:
+            with torch.no_grad():
+                return model(data)["displacement"]
+        finally:
+            F.linear = linear
+
+    ref = displacement(0.0, False)
+    assert ((displacement(200.0, False) - ref) ** 2).mean() < 1e-7
+    assert ((displacement(200.0, True) - ref) ** 2).mean() > 1e-6

@@ -26,7 +26,7 @@ from torch import nn
 
 from equiformer.ga.layers import EquiLinear
 
-__all__ = ["INNER_BLADES", "attention_features", "geometric_attention", "SelfAttention"]
+__all__ = ["INNER_BLADES", "attention_features", "sdpa_head_width", "geometric_attention", "SelfAttention"]
 
 INNER_BLADES = (0, 2, 3, 4, 8, 9, 10, 14)  # blades without e0: the invariant inner product
 _W = 14  # e123
@@ -70,6 +70,15 @@ def attention_features(
     return torch.cat(parts, dim=-1)
 
 
+def sdpa_head_width(d_qk: int, d_v: int) -> int:
+    """The one head size that :func:`geometric_attention` hands to SDPA for q/k size ``d_qk`` and v size ``d_v``.
+
+    Flash / memory-efficient SDPA kernels need one head size for q, k and v, a multiple of 8:
+    the larger of the two rounded up to 8 (q, k and v are zero-padded to it).
+    """
+    return -(-max(d_qk, d_v) // 8) * 8
+
+
 def geometric_attention(
     q_mv: torch.Tensor,
     k_mv: torch.Tensor,
@@ -90,11 +99,10 @@ def geometric_attention(
     k = attention_features(k_mv, k_s, "key", distance)
     c_v, s_v = v_mv.shape[-2], v_s.shape[-1]
     v = torch.cat([v_mv.flatten(-2), v_s], dim=-1)
-    # Flash / memory-efficient SDPA kernels need one head size for q, k and v, a multiple of 8:
-    # zero-pad to it (zeros add nothing to q.k; padded value columns are sliced off) and keep
-    # the softmax scale of the unpadded query/key size.
+    # zero-pad q, k, v to one head size (sdpa_head_width): zeros add nothing to q.k, padded value
+    # columns are sliced off, and the softmax keeps the scale of the unpadded query/key size
     d_qk, d_v = q.shape[-1], v.shape[-1]
-    width = -(-max(d_qk, d_v) // 8) * 8
+    width = sdpa_head_width(d_qk, d_v)
     q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=d_qk**-0.5)
     out_mv, out_s, _ = out.split([16 * c_v, s_v, width - 16 * c_v - s_v], dim=-1)

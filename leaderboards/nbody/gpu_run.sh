@@ -6,9 +6,12 @@
 # The GPU image has torch, e3nn, torch-geometric, lightning, safetensors; nothing else is needed
 # (no carried files: the n-body data is generated on the GPU in a few seconds).
 # Outputs (4 files): $OUT/bench_gatr.json (+ .md), $OUT/nbody.json, $OUT/log.txt.
-# Knobs (environment): DEVICE (cuda), STEPS (5000, the paper's budget), TOKENS ("1024 4096 16384"),
+# Knobs (environment): STAGES ("bench train"; also "compile": the benchmark with torch.compile'd
+#   models, bf16, 4k and 16k tokens, into $OUT/bench_gatr_compile.json, and "gputests": pytest -m gpu
+#   on the GATr and n-body tests), DEVICE (cuda), STEPS (5000, the paper's budget), TOKENS ("1024 4096 16384"),
 #   DEADLINE_S (520: the whole script ends by then), BENCH_TIMEOUT_S (150), EVAL_SIZE (5000),
-#   TRAIN_SIZE (1000), PROBE_STEPS (20), BENCH_ARGS (extra bench_gatr.py arguments), RUN_ARGS (extra run.py).
+#   TRAIN_SIZE (1000), PROBE_STEPS (20), BENCH_ARGS (bench_gatr.py arguments, default --cuda-graphs:
+#   eager rows and rows that replay each step as one CUDA graph), RUN_ARGS (extra run.py).
 # If STEPS steps of all three models do not fit the time left after the benchmark, run.py lowers
 # the step count for all three equally (it probes each model first; see its --budget-s) and
 # records that under "budget" in nbody.json.
@@ -27,6 +30,9 @@ BENCH_TIMEOUT_S=${BENCH_TIMEOUT_S:-150}
 EVAL_SIZE=${EVAL_SIZE:-5000}
 TRAIN_SIZE=${TRAIN_SIZE:-1000}
 PROBE_STEPS=${PROBE_STEPS:-20}
+STAGES=${STAGES:-"bench train"}
+BENCH_ARGS=${BENCH_ARGS---cuda-graphs}
+has() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 elapsed() { echo $(( $(date +%s) - START )); }
@@ -41,11 +47,25 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
   python3 -c "import torch, lightning; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'lightning', lightning.__version__)"
 } >> "$LOG" 2>&1
 
-echo "== [$(elapsed) s] bench_gatr.py (fp32 + bf16 autocast; tokens $TOKENS)" | tee -a "$LOG"
-# shellcheck disable=SC2086
-timeout -k 5 "$BENCH_TIMEOUT_S" python3 benchmarks/bench_gatr.py --device "$DEVICE" --tokens $TOKENS \
-  --warmup 2 --repeats 5 --out "$OUT/bench_gatr.json" --markdown "$OUT/bench_gatr.md" ${BENCH_ARGS:-} >> "$LOG" 2>&1
-echo "   bench exit $? after $(elapsed) s" | tee -a "$LOG"
+if has bench; then
+  echo "== [$(elapsed) s] bench_gatr.py (fp32 + bf16 autocast; tokens $TOKENS; $BENCH_ARGS)" | tee -a "$LOG"
+  # shellcheck disable=SC2086
+  timeout -k 5 "$BENCH_TIMEOUT_S" python3 benchmarks/bench_gatr.py --device "$DEVICE" --tokens $TOKENS \
+    --warmup 2 --repeats 5 --out "$OUT/bench_gatr.json" --markdown "$OUT/bench_gatr.md" $BENCH_ARGS >> "$LOG" 2>&1
+  echo "   bench exit $? after $(elapsed) s" | tee -a "$LOG"
+fi
+if has compile; then
+  echo "== [$(elapsed) s] bench_gatr.py --compile-only (bf16; 4096 16384 tokens)" | tee -a "$LOG"
+  timeout -k 5 "${COMPILE_TIMEOUT_S:-240}" python3 benchmarks/bench_gatr.py --device "$DEVICE" --tokens 4096 16384 \
+    --precisions bf16 --compile-only --warmup 2 --repeats 5 --out "$OUT/bench_gatr_compile.json" >> "$LOG" 2>&1
+  echo "   compile bench exit $? after $(elapsed) s" | tee -a "$LOG"
+fi
+if has gputests; then
+  echo "== [$(elapsed) s] pytest -m gpu (GATr, n-body)" | tee -a "$LOG"
+  timeout -k 5 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_ga_layers.py tests/test_nbody.py >> "$LOG" 2>&1
+  echo "   gpu tests exit $? after $(elapsed) s" | tee -a "$LOG"
+fi
+has train || { echo "== summary"; grep -h "^| \|passed\|failed\|Error" "$LOG" | tail -40; echo "total $(elapsed) s"; exit 0; }
 
 # training budget: what is left before the deadline, less ~35 s for imports, the last test and margin;
 # run.py stops training (Lightning max_time) at LEFT - 20 s after its plan starts, whatever the probe said
