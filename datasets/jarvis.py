@@ -67,17 +67,18 @@ ALIGNN_SPLIT_SEED = 123
 _LEADERBOARD_DIR = ("benchmarks", "AI", "SinglePropertyPrediction")
 
 
-def _t(name: str, unit: str, description: str, report_unit: str | None = None, scale: float = 1.0) -> TargetInfo:
-    return TargetInfo(name, unit, report_unit or unit, scale, description)
+def _t(name: str, unit: str, description: str, report_unit: str | None = None, scale: float = 1.0,
+       minimum: float | None = None) -> TargetInfo:
+    return TargetInfo(name, unit, report_unit or unit, scale, description, minimum=minimum)
 
 
 JARVIS_LABELS: dict[str, TargetInfo] = {
     t.name: t
     for t in (
         _t("formation_energy_peratom", "eV/atom", "formation energy per atom (OptB88vdW)", "meV/atom", 1000.0),
-        _t("optb88vdw_bandgap", "eV", "band gap (OptB88vdW)", "meV", 1000.0),
-        _t("mbj_bandgap", "eV", "band gap (TBmBJ)", "meV", 1000.0),
-        _t("hse_gap", "eV", "band gap (HSE06)", "meV", 1000.0),
+        _t("optb88vdw_bandgap", "eV", "band gap (OptB88vdW)", "meV", 1000.0, minimum=0.0),
+        _t("mbj_bandgap", "eV", "band gap (TBmBJ)", "meV", 1000.0, minimum=0.0),
+        _t("hse_gap", "eV", "band gap (HSE06)", "meV", 1000.0, minimum=0.0),
         _t("optb88vdw_total_energy", "eV/atom", "total energy per atom (OptB88vdW)", "meV/atom", 1000.0),
         _t("ehull", "eV/atom", "energy above the convex hull", "meV/atom", 1000.0),
         _t("bulk_modulus_kv", "GPa", "Voigt bulk modulus"),

@@ -94,7 +94,7 @@ MEGNET_SPLIT_FILES: dict[str, str] = {"e_form": "megnet_e_form.json.zip", "gap":
 
 MP_LABELS: dict[str, TargetInfo] = {
     "e_form": TargetInfo("e_form", "eV/atom", "meV/atom", 1000.0, "formation energy per atom"),
-    "gap": TargetInfo("gap", "eV", "meV", 1000.0, "PBE band gap"),
+    "gap": TargetInfo("gap", "eV", "meV", 1000.0, "PBE band gap", minimum=0.0),
     "log_kvrh": TargetInfo("log_kvrh", "log10(GPa)", "log10(GPa)", 1.0,
                            "log10 of the Voigt-Reuss-Hill bulk modulus K_VRH in GPa"),
     "log_gvrh": TargetInfo("log_gvrh", "log10(GPa)", "log10(GPa)", 1.0,

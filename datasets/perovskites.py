@@ -36,8 +36,8 @@ PEROV5_URL = "https://raw.githubusercontent.com/txie-93/cdvae/main/data/perov_5/
 PEROV5_LABELS: dict[str, TargetInfo] = {
     "heat_all": TargetInfo("heat_all", "eV/cell", "meV/cell", 1000.0, "heat of formation (all standard states)"),
     "heat_ref": TargetInfo("heat_ref", "eV/cell", "meV/cell", 1000.0, "heat of formation (reference phases)"),
-    "dir_gap": TargetInfo("dir_gap", "eV", "meV", 1000.0, "direct band gap (GLLB-SC)"),
-    "ind_gap": TargetInfo("ind_gap", "eV", "meV", 1000.0, "indirect band gap (GLLB-SC)"),
+    "dir_gap": TargetInfo("dir_gap", "eV", "meV", 1000.0, "direct band gap (GLLB-SC)", minimum=0.0),
+    "ind_gap": TargetInfo("ind_gap", "eV", "meV", 1000.0, "indirect band gap (GLLB-SC)", minimum=0.0),
 }
 
 

@@ -19,6 +19,8 @@ class TargetInfo:
             energies, ...), so a model normalises it per atom (``normalize="auto"`` of
             :class:`~equiformer.tasks.property.PropertyTask`); ``False`` for intensive ones
             (orbital energies, gaps, dipole moments, energies per atom).
+        minimum: the smallest physical value (band gaps: 0 eV), or ``None``; a shipped model's
+            predictions are clamped to it (:func:`equiformer.hub.denormalize`).
     """
 
     name: str
@@ -27,6 +29,7 @@ class TargetInfo:
     report_scale: float
     description: str
     extensive: bool = False
+    minimum: float | None = None
 
     def to_report(self, value: float) -> float:
         """``value`` (in ``unit``) expressed in ``report_unit``."""

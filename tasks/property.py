@@ -32,6 +32,7 @@ units of each target's std; the checkpoint monitor) and ``val/<target>_mae_<repo
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -303,6 +304,8 @@ class PropertyTask(pl.LightningModule):
                 "description": str(get("description", "")),
                 "extensive": bool(get("extensive", False)),
             }
+            if get("minimum") is not None:
+                out[name]["minimum"] = float(get("minimum"))
         self.target_info = out
         self.hparams["target_info"] = out
 
@@ -387,9 +390,28 @@ class PropertyTask(pl.LightningModule):
         """Network output [B, T] (normalised) -> properties [B, T] float64 in target units.
 
         ``out * std + mean + N * mean_per_atom + sum_atoms atomref`` (the per-atom term is an
-        exact zero for per-molecule targets, so their values are bit for bit those of earlier versions).
+        exact zero for per-molecule targets, so their values are bit for bit those of earlier versions),
+        clamped from below where a target declares a physical ``minimum`` (band gaps: 0), as the
+        shipped model (:func:`equiformer.hub.denormalize`) does.
         """
-        return out.to(torch.float64) * self.target_std + self.target_mean + self.per_atom_offset(batch) + self.atomref_sum(batch)
+        value = out.to(torch.float64) * self.target_std + self.target_mean + self.per_atom_offset(batch) + self.atomref_sum(batch)
+        lo = self._minimum_row(value)
+        return value if lo is None else torch.maximum(value, lo)
+
+    def _minimum_row(self, like: Tensor) -> Tensor | None:
+        """``[1, T]`` of the targets' minima (``-inf`` where none), or ``None`` when no target has one."""
+        mins = [self.target_info.get(t, {}).get("minimum") for t in self.targets]
+        if all(m is None for m in mins):
+            return None
+        return torch.tensor([[-math.inf if m is None else float(m) for m in mins]], dtype=like.dtype, device=like.device)
+
+    def _clamp_normalized(self, pred: Tensor, batch: Any) -> Tensor:
+        """Normalised predictions clamped at the normalised targets' minima (see :meth:`denormalize`)."""
+        lo = self._minimum_row(pred)
+        if lo is None:
+            return pred
+        lo_norm = self.normalize(lo.expand(pred.shape[0], -1).to(torch.float64), batch).to(pred.dtype)
+        return torch.maximum(pred, lo_norm)
 
     # British spelling aliases
     normalise = normalize
@@ -519,7 +541,8 @@ class PropertyTask(pl.LightningModule):
         target = self.normalize(self._check_y(batch), batch)
         pred = self._forward_norm(batch, self.network())
         loss = self._loss(pred, target)
-        metric.update((pred.to(torch.float64) - target).abs())
+        # errors of the predictions a user gets: clamped at a target's physical minimum (band gap >= 0)
+        metric.update((self._clamp_normalized(pred, batch).to(torch.float64) - target).abs())
         self.log(f"{stage}/loss", loss, batch_size=int(target.shape[0]), on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
@@ -563,7 +586,7 @@ class PropertyTask(pl.LightningModule):
         """Fields of a shipped model's JSON (:mod:`equiformer.hub`) from a checkpoint's ``hyper_parameters``.
 
         Returns ``{"model": {"name", "config"}, "targets": [{"name", "unit", "report_unit",
-        "report_scale", "description"}], "normalization": {"mean", "std", "mean_per_atom",
+        "report_scale", "description" (, "minimum")}], "normalization": {"mean", "std", "mean_per_atom",
         "mode"}, "atomref": {target: {Z: value}}}`` (zero atomref entries left out;
         ``mean_per_atom``/``mode`` only when the checkpoint records them, so the JSON of a
         checkpoint from before per-atom normalisation is unchanged).
@@ -578,6 +601,8 @@ class PropertyTask(pl.LightningModule):
             i = dict(info.get(t, {}))
             tlist.append({"name": t, "unit": i.get("unit", ""), "report_unit": i.get("report_unit", i.get("unit", "")),
                           "report_scale": float(i.get("report_scale", 1.0)), "description": i.get("description", "")})
+            if i.get("minimum") is not None:  # predictions are clamped to it (band gaps >= 0)
+                tlist[-1]["minimum"] = float(i["minimum"])
         atomref: dict[str, dict[str, float]] = {}
         for t, row in zip(targets, norm.get("atomref") or []):
             nz = {str(z): float(v) for z, v in enumerate(row) if float(v) != 0.0}

@@ -266,3 +266,42 @@ def test_resume_is_exact(qm9_root, tmp_path):
         assert torch.equal(oa["state"][i]["exp_avg_sq"], ob["state"][i]["exp_avg_sq"])
     assert tr_a.lr_scheduler_configs[0].scheduler.state_dict() == tr_b.lr_scheduler_configs[0].scheduler.state_dict()
     assert not math.isnan(float(tr_b.callback_metrics["val/loss"]))
+
+
+def test_target_minimum_travels_from_dataset_to_shipped_json():
+    """A band gap's physical minimum (0 eV) goes dataset TargetInfo -> task hparams -> exported JSON,
+    where equiformer.hub clamps predictions to it; targets without one get no key."""
+    from equiformer.datasets.jarvis import JARVIS_LABELS
+    from equiformer.datasets.materials_project import MP_LABELS as MP_TARGETS
+    from equiformer.hub import denormalize
+
+    assert MP_TARGETS["gap"].minimum == 0.0 and MP_TARGETS["e_form"].minimum is None
+    assert JARVIS_LABELS["mbj_bandgap"].minimum == 0.0 and JARVIS_LABELS["formation_energy_peratom"].minimum is None
+    task = PropertyTask(model="crystalformer", targets=["e_form", "gap"], model_kwargs={"preset": "small", "num_targets": 2},
+                        normalization={"mean": [-1.0, 1.2], "std": [1.0, 1.5], "atomref": [[0.0] * NUM_ELEMENTS] * 2})
+    task.set_target_info([MP_TARGETS["e_form"], MP_TARGETS["gap"]])
+    meta = PropertyTask.export_metadata(json.loads(json.dumps(dict(task.hparams))))
+    assert "minimum" not in meta["targets"][0] and meta["targets"][1]["minimum"] == 0.0
+    meta.update(format_version=1, name="t", description="", dataset="MP")
+    out = denormalize(torch.tensor([[-5.0, -5.0]]), torch.tensor([11, 17]), torch.tensor([0, 0]), meta)
+    assert out[0, 0] < 0 and out[0, 1] == 0.0  # e_form may be negative, the gap is clamped
+
+
+def test_eval_mae_and_predictions_use_the_clamped_gap():
+    """The validation/test MAE is that of the predictions a user gets: gaps clamped at 0."""
+    from types import SimpleNamespace
+
+    from equiformer.datasets.materials_project import MP_LABELS
+
+    task = PropertyTask(model="crystalformer", targets=["gap"], model_kwargs={"preset": "small", "num_targets": 1},
+                        normalization={"mean": [1.0], "std": [2.0], "atomref": [[0.0] * NUM_ELEMENTS]})
+    task.set_target_info([MP_LABELS["gap"]])
+    batch = SimpleNamespace(z=torch.tensor([11, 17, 14, 14]), batch=torch.tensor([0, 0, 1, 1]), num_graphs=2,
+                            y=torch.tensor([[0.0], [1.5]], dtype=torch.float64))
+    pred_norm = torch.tensor([[-0.8], [0.0]])  # -> gap -0.6 eV (clamped to 0) and 1.0 eV
+    torch.testing.assert_close(task.denormalize(pred_norm, batch), torch.tensor([[0.0], [1.0]], dtype=torch.float64))
+    clamped = task._clamp_normalized(pred_norm, batch)
+    torch.testing.assert_close(clamped, torch.tensor([[-0.5], [0.0]]))
+    task.set_target_info({"gap": {"unit": "eV"}})  # no minimum: nothing is clamped
+    assert task._clamp_normalized(pred_norm, batch) is pred_norm
+    assert task.denormalize(pred_norm, batch)[0, 0] == pytest.approx(-0.6)
