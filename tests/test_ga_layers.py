@@ -656,3 +656,158 @@ def test_gatr_attention_runs_on_flash_and_efficient_kernels():
         tol = 5e-2 if dtype == torch.bfloat16 else 1e-4
         torch.testing.assert_close(o_mv.double(), ref_mv, rtol=tol, atol=tol)
         torch.testing.assert_close(o_s.double(), ref_s, rtol=tol, atol=tol)
+
+
+# --- the fused layouts equal the straightforward formulas (values and gradients) ------------
+
+
+def _randomize(module, seed):
+    g = gen(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, dtype=p.dtype, generator=g) * 0.5)
+
+
+def _standard_linear(lin: EquiLinear, mv, s):
+    """EquiLinear in its standard layout, from the documented basis-sum formula."""
+    return _equilinear_unfused(lin, mv, s)
+
+
+def _values_and_grads(fn, inputs, params, seed=0):
+    out = fn(*inputs)
+    g = gen(seed)
+    loss = sum((o * torch.randn(o.shape, dtype=o.dtype, generator=g)).sum() for o in out)
+    return out, torch.autograd.grad(loss, [*inputs, *params], allow_unused=True)
+
+
+def _assert_same(got, want, rtol=1e-12):
+    for a, b in zip(got, want):
+        scale = b.abs().max().clamp_min(1.0)
+        assert a.shape == b.shape
+        torch.testing.assert_close(a / scale, b / scale, rtol=0, atol=rtol)
+
+
+@pytest.mark.parametrize("distance,head_s", [(True, 3), (True, 11), (False, 3), (False, 8)])
+def test_self_attention_layout_matches_reference(distance, head_s):
+    """SelfAttention's reordered qkv / out GEMMs and joint q/k features compute exactly the
+    straightforward per-role formula (standard EquiLinears, attention_features, unpadded SDPA)."""
+    torch.manual_seed(0)
+    attn = SelfAttention(3, 5, num_heads=2, head_mv=2, head_s=head_s, out_mv=4, out_s=6, distance=distance).double()
+    _randomize(attn, 1)
+    g = gen(2)
+    mv, s = rand_inputs(g, lead=(2, 7), c=3, s=5)
+    mv.requires_grad_(True)
+    s.requires_grad_(True)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 5:] = False
+    h, cm, cs = 2, 2, head_s
+
+    def reference(mv, s):
+        qkv_mv, qkv_s = _standard_linear(attn.qkv, mv, s)
+        qkv_mv = qkv_mv.reshape(2, 7, 3, h, cm, 16).permute(2, 0, 3, 1, 4, 5)  # [3, B, H, N, cm, 16]
+        qkv_s = qkv_s.reshape(2, 7, 3, h, cs).permute(2, 0, 3, 1, 4)
+        q = attention_features(qkv_mv[0], qkv_s[0], "query", distance)
+        k = attention_features(qkv_mv[1], qkv_s[1], "key", distance)
+        v = torch.cat([qkv_mv[2].flatten(-2), qkv_s[2]], dim=-1)
+        logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+        o = logits.softmax(-1) @ v  # [B, H, N, 16 cm + cs]
+        o_mv = o[..., : 16 * cm].unflatten(-1, (cm, 16)).permute(0, 2, 1, 3, 4).reshape(2, 7, h * cm, 16)
+        o_s = o[..., 16 * cm :].permute(0, 2, 1, 3).reshape(2, 7, h * cs)
+        return _standard_linear(attn.out, o_mv, o_s)
+
+    from equiformer.ga.attention import attention_features
+
+    params = list(attn.parameters())
+    got, g_got = _values_and_grads(lambda a, b: attn(a, b, mask=mask), (mv, s), params)
+    want, g_want = _values_and_grads(reference, (mv, s), params)
+    _assert_same(got, want)
+    _assert_same(g_got, g_want)
+    assert all(x is not None for x in g_got)
+    assert set(attn.state_dict()) == {n for n, _ in attn.named_parameters()}  # layouts stay out of checkpoints
+
+
+@pytest.mark.parametrize("with_ref,in_s", [(True, 4), (False, 4), (True, 0)])
+def test_geometric_bilinear_layout_matches_reference(with_ref, in_s):
+    """One GEMM against the [256, 32] (product, join) table and the column-padded output map
+    equal the straightforward geometric_product / join of the standard EquiLinear outputs."""
+    from equiformer.ga import geometric_product, join
+
+    torch.manual_seed(0)
+    layer = GeometricBilinear(3, 4, in_s, 2, hidden_mv=6).double()
+    _randomize(layer, 3)
+    g = gen(4)
+    mv, s = rand_inputs(g, lead=(2, 5), c=3, s=in_s)
+    ref = torch.randn(2, 1, 16, dtype=DT, generator=g)
+    inputs = [mv.requires_grad_(True), s.requires_grad_(True), ref.requires_grad_(True)]
+
+    def reference(mv, s, r):
+        hid, _ = _standard_linear(layer.inputs, mv, s)
+        gl, gr, jl, jr = hid.split(3, dim=-2)
+        jn = join(jl, jr, r.unsqueeze(-2) if with_ref else None)
+        return _standard_linear(layer.output, torch.cat([geometric_product(gl, gr), jn], dim=-2), s)
+
+    params = list(layer.parameters())
+    got, g_got = _values_and_grads(lambda a, b, r: layer(a, b, reference=r if with_ref else None), inputs, params)
+    want, g_want = _values_and_grads(reference, inputs, params)
+    _assert_same(got, want)
+    assert [x is None for x in g_got] == [x is None for x in g_want]
+    _assert_same([x for x in g_got if x is not None], [x for x in g_want if x is not None])
+    assert set(layer.state_dict()) == {n for n, _ in layer.named_parameters()}
+
+
+def test_equilinear_set_layout_reorders_and_pads_only():
+    """A custom layout is the standard matrix with rows / columns permuted and zero rows / columns
+    inserted; forward() and fused_weight() keep the standard meaning."""
+    torch.manual_seed(0)
+    lin = EquiLinear(2, 3, 4, 5).double()
+    _randomize(lin, 5)
+    w_std, b_std = lin.fused_weight()
+    g = torch.Generator().manual_seed(6)
+    rows = torch.cat([torch.randperm(53, generator=g), torch.tensor([-1, -1])])[torch.randperm(55, generator=g)]
+    cols = torch.cat([torch.randperm(36, generator=g), torch.tensor([-1])])[torch.randperm(37, generator=g)]
+    mv, s = rand_inputs(gen(7), lead=(4,), c=2, s=4)
+    want = lin(mv, s)
+    lin.set_layout(rows=rows, cols=cols)
+    w, b = lin.layout_weight()
+    assert w.shape == (55, 37) and b.shape == (55,)
+    keep_r, keep_c = rows >= 0, cols >= 0
+    torch.testing.assert_close(w[keep_r][:, keep_c], w_std[rows[keep_r]][:, cols[keep_c]], rtol=0, atol=0)
+    assert not w[~keep_r].any() and not w[:, ~keep_c].any() and not b[~keep_r].any()
+    torch.testing.assert_close(b[keep_r], b_std[rows[keep_r]], rtol=0, atol=0)
+    got = lin(mv, s)  # standard meaning regardless of the layout
+    torch.testing.assert_close(got[0], want[0], **TOL)
+    torch.testing.assert_close(got[1], want[1], **TOL)
+    x = torch.cat([mv.flatten(-2), s], -1)
+    x_layout = torch.where(keep_c, x[..., cols.clamp_min(0)], torch.zeros(()))
+    y = lin.linear_flat(x_layout)
+    y_std = torch.cat([want[0].flatten(-2), want[1]], -1)
+    torch.testing.assert_close(y[..., keep_r], y_std[..., rows[keep_r]], **TOL)
+    assert not y[..., ~keep_r].any()
+    with pytest.raises(ValueError, match="layout rows"):
+        lin.set_layout(rows=torch.tensor([53]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_self_attention_layout_runs_on_flash_and_efficient_kernels():
+    """SelfAttention hands SDPA strided q/k/v views of its GEMM output: the fused kernels must
+    accept them (no error under a single-backend context) and agree with float64."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    attn = SelfAttention(16, 128, num_heads=8, head_mv=2, head_s=16).to("cuda")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mv = torch.randn(2, 300, 16, 16, generator=g).to("cuda")
+    s = torch.randn(2, 300, 128, generator=g).to("cuda")
+    ref_attn = SelfAttention(16, 128, num_heads=8, head_mv=2, head_s=16).to("cuda", torch.float64)
+    ref_attn.load_state_dict(attn.state_dict())
+    ref = ref_attn(mv.double(), s.double())
+    for backend, dtype in ((SDPBackend.FLASH_ATTENTION, torch.bfloat16), (SDPBackend.EFFICIENT_ATTENTION, torch.float32)):
+        x_mv, x_s = mv.clone().requires_grad_(), s.clone().requires_grad_()
+        with sdpa_kernel([backend]), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            o_mv, o_s = attn(x_mv, x_s)
+            (o_mv.float().sum() + o_s.float().sum()).backward()
+        tol = 1e-1 if dtype == torch.bfloat16 else 1e-3
+        torch.testing.assert_close(o_mv.double(), ref[0], rtol=tol, atol=tol)
+        torch.testing.assert_close(o_s.double(), ref[1], rtol=tol, atol=tol)
