@@ -575,6 +575,8 @@ def test_training_after_first_use_under_inference_mode():
 
     algebra._table_cached.cache_clear()
     layers._basis_cached.cache_clear()
+    layers._gp_join_cached.cache_clear()
+    layers._channel_mean_mask_cached.cache_clear()
     torch.manual_seed(0)
     net = GATr(in_mv_channels=1, out_mv_channels=1, hidden_mv_channels=4, in_s_channels=1, out_s_channels=1,
                hidden_s_channels=4, num_blocks=1, num_heads=1)

@@ -156,7 +156,7 @@ class _ScatterWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, src_w, flat_w, flat_wt, src_b, row_b, rows: int, cols: int, *params):  # noqa: ANN001, ANN205
-        theta = torch.cat([p.reshape(-1) for p in params])
+        theta = torch.cat([p.view(-1) if p.is_contiguous() else p.reshape(-1) for p in params])
         w = theta.new_zeros(rows * cols).scatter_(0, flat_w, theta.index_select(0, src_w)).view(rows, cols)
         ctx.save_for_backward(src_w, flat_w, flat_wt, src_b, row_b)
         ctx.shapes = [p.shape for p in params]
@@ -376,6 +376,19 @@ class GeometricBilinear(nn.Module):
         return out_mv.unflatten(-1, (self.output.out_mv, 16)), out_s
 
 
+@functools.lru_cache(maxsize=None)
+def _channel_mean_mask_cached(channels: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    with torch.inference_mode(False):  # see _basis_cached
+        return table("INNER_MASK", device, torch.float64).div(channels).to(dtype)
+
+
+def _channel_mean_mask(channels: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[16]``: 1/channels on the blades of the invariant inner product, 0 on those with e0."""
+    if torch.compiler.is_compiling():
+        return table("INNER_MASK", device, dtype) / channels
+    return _channel_mean_mask_cached(channels, device, dtype)
+
+
 class EquiLayerNorm(nn.Module):
     """``mv / sqrt(mean_c <mv_c, mv_c> + eps)`` and a plain layer norm of ``s`` (no parameters).
 
@@ -387,9 +400,9 @@ class EquiLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, mv: torch.Tensor, s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = table("INNER_MASK", mv.device, mv.dtype)
-        sq = (mv * mv * mask).sum(-1).mean(-1, keepdim=True)  # [..., 1]
-        mv = mv / torch.sqrt(sq + self.eps).unsqueeze(-1)
+        mask = _channel_mean_mask(mv.shape[-2], mv.device, mv.dtype)  # inner-product blades / C
+        sq = (mv * mv * mask).sum((-2, -1), keepdim=True)  # [..., 1, 1]: channel mean of <x, x>
+        mv = mv * torch.rsqrt(sq + self.eps)
         if s is None:
             s = _empty_scalars(mv)
         elif s.shape[-1] > 0:
