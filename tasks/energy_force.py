@@ -66,7 +66,7 @@ from equiformer.tasks.ema import EMAWeights
 from equiformer.tasks.energy_force_metrics import EnergyForceMetrics
 from equiformer.tasks.schedulers import adamw_warmup_cosine
 
-__all__ = ["EnergyForceTask", "NUM_ELEMENTS", "energy_force_statistics"]
+__all__ = ["EnergyForceTask", "NUM_ELEMENTS", "energy_force_statistics", "zero_force_baseline"]
 
 #: rows of the per-element reference table: index = atomic number 0..118
 NUM_ELEMENTS = 119
@@ -176,6 +176,51 @@ def energy_force_statistics(
             force_rms = float(f.pow(2).mean().sqrt())
     return {"energy_mean": mean, "energy_std": std, "force_rms": force_rms, "atom_refs": refs,
             "count": int(len(e)), "avg_num_atoms": float(natoms.mean())}
+
+
+def zero_force_baseline(
+    dataset: Dataset,
+    train_on_free_atoms: bool = True,
+    force_tags: Sequence[int] | None = None,
+) -> dict[str, float]:
+    """Force errors of predicting F = 0 on ``dataset``, over the atoms the task evaluates.
+
+    The reference any force model has to beat: a model that has learned nothing about the forces
+    of unseen systems is at (or above) this level. Same atom selection and definitions as
+    :class:`~equiformer.tasks.energy_force_metrics.EnergyForceMetrics` (``force_mae_meV_per_A``:
+    mean |F| over components; ``force_l2mae_meV_per_A``: mean |F| vector norm).
+
+    Args:
+        dataset: items with ``forces`` (and optionally ``fixed``, ``tags``); a ``Subset`` of a dataset
+            with ``energy_force_arrays`` (e.g. :class:`~equiformer.datasets.oc20.OC20Trajectories`) is
+            read without building items.
+        train_on_free_atoms, force_tags: which atoms count (as in :class:`EnergyForceTask`).
+
+    Returns:
+        ``{"force_mae_meV_per_A", "force_l2mae_meV_per_A", "force_rms_eV_per_A", "num_atoms"}``.
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise ValueError("zero_force_baseline: the dataset is empty")
+    base, items = dataset, np.arange(n)
+    while isinstance(base, Subset):  # nested subsets (a sample of a split): indices into the innermost dataset
+        base, items = base.dataset, np.asarray(base.indices)[items]
+    if hasattr(base, "energy_force_arrays"):
+        arr = base.energy_force_arrays(torch.as_tensor(items, dtype=torch.long))
+    else:
+        arr = _labels_by_iteration(dataset, list(range(n)), "energy")
+    if "forces" not in arr:
+        raise ValueError("zero_force_baseline: the dataset has no forces")
+    mask = torch.ones(len(arr["z"]), dtype=torch.bool)
+    if train_on_free_atoms:
+        mask &= ~arr["fixed"].bool()
+    if force_tags is not None:
+        mask &= torch.isin(arr["tags"], torch.as_tensor(list(force_tags), dtype=torch.long))
+    f = arr["forces"].double()[mask]
+    if f.numel() == 0:
+        raise ValueError("zero_force_baseline: no atom is selected (all fixed or of other tags)")
+    return {"force_mae_meV_per_A": 1000.0 * float(f.abs().mean()), "force_l2mae_meV_per_A": 1000.0 * float(f.norm(dim=-1).mean()),
+            "force_rms_eV_per_A": float(f.pow(2).mean().sqrt()), "num_atoms": int(f.shape[0])}
 
 
 def _energy_of(batch: Any, key: str) -> Tensor:

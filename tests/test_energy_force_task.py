@@ -539,12 +539,49 @@ def test_gpu_eqv2_script_passes_a_valid_max_time(tmp_path):
     if shutil.which("bash") is None:
         pytest.skip("bash not available")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               SKIP_INSTALL="1", STAGES="train", TRAIN_S="200", TRAIN_EXTRA="--print_config", OUT=str(tmp_path))
+               SKIP_INSTALL="1", STAGES="train", TRAIN_EXTRA="--print_config", OUT=str(tmp_path))
+    for name in ("TRAIN_S", "TRAIN_EPOCHS"):  # the script's own defaults for a training-only call
+        env.pop(name, None)
     proc = subprocess.run(["bash", "benchmarks/gpu_eqv2.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     log = (tmp_path / "train_oc20.log").read_text()
     assert "train exit 0" in proc.stdout, proc.stdout + log[-2000:]
     printed = yaml.safe_load(log[log.index("seed_everything:"):])
     max_time = printed["trainer"]["max_time"]
     assert re.fullmatch(r"(\d+):(\d\d):(\d\d):(\d\d)", str(max_time)), max_time
-    assert Timer(duration=max_time)._duration == 200.0
-    assert printed["trainer"]["max_epochs"] == 4 and printed["model"]["max_epochs"] == 4
+    assert Timer(duration=max_time)._duration == 380.0
+    assert printed["trainer"]["max_epochs"] == 7 and printed["model"]["max_epochs"] == 7
+
+
+def test_zero_force_baseline_matches_the_metrics_of_a_zero_prediction(frames):
+    """The reference printed next to every OC20 force MAE: F = 0 scored by EnergyForceMetrics over the
+    task's atoms (free atoms only), the same via the fast array path and by building items."""
+    from equiformer.tasks.energy_force import zero_force_baseline
+    from equiformer.tasks.energy_force_metrics import EnergyForceMetrics
+
+    sub = Subset(frames, list(range(1, 60, 3)))
+    batch = Batch.from_data_list([sub[i] for i in range(len(sub))])
+    task = _task(ema_decay=None)
+    mask = task.force_mask(batch)
+    assert 0 < int(mask.sum()) < batch.z.numel()  # real slabs: some atoms fixed, some free
+    metrics = EnergyForceMetrics()
+    metrics.update(batch.energy, batch.energy, torch.bincount(batch.batch), torch.zeros_like(batch.forces), batch.forces,
+                   batch.batch, mask)
+    expected = metrics.compute()
+
+    class Plain(torch.utils.data.Dataset):  # no energy_force_arrays: the generic path
+        def __len__(self):
+            return len(sub)
+
+        def __getitem__(self, i):
+            return sub[i]
+
+    for ds in (sub, Plain()):
+        got = zero_force_baseline(ds)
+        assert got["num_atoms"] == int(mask.sum())
+        assert got["force_mae_meV_per_A"] == pytest.approx(float(expected["force_mae_meV_per_A"]), rel=1e-6)
+        assert got["force_l2mae_meV_per_A"] == pytest.approx(float(expected["force_l2mae_meV_per_A"]), rel=1e-6)
+    every = zero_force_baseline(sub, train_on_free_atoms=False)
+    assert every["num_atoms"] == batch.z.numel()
+    assert every["force_mae_meV_per_A"] == pytest.approx(1000 * float(batch.forces.double().abs().mean()), rel=1e-6)
+    with pytest.raises(ValueError, match="empty"):
+        zero_force_baseline(Subset(frames, []))
