@@ -15,7 +15,15 @@ from equiformer.datasets.oc20 import OC20LMDB, OC20Trajectories
 from equiformer.datasets.splits import DEFAULT_SPLIT_SEED, SizeSpec
 from equiformer.tasks.datamodule import StructureDataModule
 
-__all__ = ["OC20LMDBDataModule", "OC20TrajectoryDataModule"]
+__all__ = ["OC20LMDBDataModule", "OC20TrajectoryDataModule", "max_free_force"]
+
+
+def max_free_force(dataset: OC20Trajectories, items: Tensor) -> Tensor:
+    """``[len(items)]`` float64: the largest force norm (eV/Å) on a free (not fixed) atom of each item; 0 if none."""
+    arr = dataset.energy_force_arrays(items)
+    norm = arr["forces"].norm(dim=-1).masked_fill(arr["fixed"], 0.0)
+    out = torch.zeros(len(items), dtype=torch.float64)
+    return out.scatter_reduce(0, arr["atom_item"], norm, reduce="amax", include_self=True)
 
 
 class OC20TrajectoryDataModule(StructureDataModule):
@@ -37,6 +45,10 @@ class OC20TrajectoryDataModule(StructureDataModule):
         split_seed: seed of the trajectory permutation.
         cover_elements: hold out only trajectories whose elements all occur in training
             (see :meth:`OC20Trajectories.split`); the train split takes the rest.
+        max_train_force: drop *training* frames in which a free atom's force exceeds this many
+            eV/Å (the first frames of some relaxations reach 20-355 eV/Å, while no validation or
+            test frame of the shared set exceeds 18.5); validation and test keep every frame.
+            ``None``: keep all.
         batch_size, eval_batch_size, num_workers, pin_memory, drop_last: see :class:`StructureDataModule`.
     """
 
@@ -51,6 +63,7 @@ class OC20TrajectoryDataModule(StructureDataModule):
         val_size: int | float = 0.1,
         split_seed: int = DEFAULT_SPLIT_SEED,
         cover_elements: bool = False,
+        max_train_force: float | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -68,6 +81,9 @@ class OC20TrajectoryDataModule(StructureDataModule):
         self.train_size = train_size
         self.val_size = val_size
         self.split_seed = int(split_seed)
+        if max_train_force is not None and not max_train_force > 0:
+            raise ValueError(f"max_train_force must be a positive force in eV/A or None, got {max_train_force!r}")
+        self.max_train_force = None if max_train_force is None else float(max_train_force)
         self.save_hyperparameters()
 
     def split_sizes(self) -> dict[str, SizeSpec]:
@@ -83,7 +99,14 @@ class OC20TrajectoryDataModule(StructureDataModule):
 
     def build(self) -> tuple[Dataset, dict[str, Tensor]]:
         dataset = self._make_dataset()
-        return dataset, dataset.split(self.split_sizes(), self.split_seed, self.cover_elements)
+        splits = dataset.split(self.split_sizes(), self.split_seed, self.cover_elements)
+        if self.max_train_force is not None:
+            train = torch.as_tensor(splits["train"], dtype=torch.long)
+            keep = max_free_force(dataset, train) <= self.max_train_force
+            if not bool(keep.any()):
+                raise ValueError(f"max_train_force={self.max_train_force} eV/A removes every training frame")
+            splits = {**splits, "train": train[keep]}
+        return dataset, splits
 
     def trajectory_split(self) -> dict[str, list[str]]:
         """``{split: [trajectory names]}`` of this configuration."""

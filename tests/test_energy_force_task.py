@@ -585,3 +585,27 @@ def test_zero_force_baseline_matches_the_metrics_of_a_zero_prediction(frames):
     assert every["force_mae_meV_per_A"] == pytest.approx(1000 * float(batch.forces.double().abs().mean()), rel=1e-6)
     with pytest.raises(ValueError, match="empty"):
         zero_force_baseline(Subset(frames, []))
+
+
+def test_max_train_force_drops_only_high_force_training_frames(cache_root):
+    """max_train_force removes the training frames whose largest free-atom force exceeds it (checked
+    frame by frame from the Data items), and leaves validation and test untouched."""
+    from equiformer.tasks.oc20_datamodule import OC20TrajectoryDataModule, max_free_force
+
+    kw = dict(root=str(cache_root), source=str(_need(TARBALL)), trajectories=LEARN_TRAJS + ["random1000141"],
+              train_size=2, val_size=1, split_seed=1)
+    full = OC20TrajectoryDataModule(**kw)
+    train = full.split_dataset("train")
+    fmax = torch.tensor([float(d.forces[~d.fixed].norm(dim=-1).max()) if (~d.fixed).any() else 0.0 for d in train])
+    torch.testing.assert_close(max_free_force(full.dataset, torch.as_tensor(train.indices)), fmax.double())
+    limit = float(fmax.median())
+    cut = OC20TrajectoryDataModule(**kw, max_train_force=limit)
+    assert len(cut.split_dataset("train")) == int((fmax <= limit).sum()) < len(train)
+    kept = torch.as_tensor(cut.split_dataset("train").indices)
+    assert set(kept.tolist()) == {i for i, f in zip(train.indices, fmax.tolist()) if f <= limit}
+    for split in ("val", "test"):
+        assert cut.split_dataset(split).indices == full.split_dataset(split).indices
+    with pytest.raises(ValueError, match="max_train_force"):
+        OC20TrajectoryDataModule(**kw, max_train_force=0.0)
+    with pytest.raises(ValueError, match="removes every training frame"):
+        OC20TrajectoryDataModule(**kw, max_train_force=1e-9).setup()
