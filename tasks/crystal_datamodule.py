@@ -40,7 +40,7 @@ from equiformer.datasets.matbench import MATBENCH_TASKS, Matbench, read_matbench
 from equiformer.datasets.perovskites import Perovskites
 from equiformer.datasets.splits import DEFAULT_SPLIT_SEED, random_split_indices, resolve_split_sizes
 from equiformer.datasets.targets import TargetInfo
-from equiformer.tasks.datamodule import StructureDataModule
+from equiformer.tasks.datamodule import StructureDataModule, target_statistics
 
 __all__ = ["CRYSTAL_DATASETS", "CrystalDataModule"]
 
@@ -267,15 +267,16 @@ class CrystalDataModule(StructureDataModule):
         """``{"train": n, "val": n, "test": n}`` (builds the dataset on first use)."""
         return {k: int(len(v)) for k, v in self.splits.items()}
 
-    def train_statistics(self) -> dict[str, Tensor | int]:
+    def train_statistics(self, per_atom: Sequence[bool] | None = None) -> dict[str, Tensor | int]:
         """Statistics of the targets over the training split (atomrefs are zero).
 
+        Args:
+            per_atom: [T] which targets are normalised per atom (default none: per structure);
+                see :func:`equiformer.tasks.datamodule.target_statistics`.
         Returns:
-            ``{"mean": [T], "std": [T] (unbiased), "mad": [T] (mean absolute deviation),
-            "count": n}``, float64 in target units, from the stored float64 values.
+            ``{"mean": [T], "std": [T] (unbiased), "mean_per_atom": [T], "mad": [T] (mean absolute
+            deviation), "count": n, "mode": [T]}``, float64 in target units, from the stored
+            float64 values.
         """
         idx = self.splits["train"]
-        y = self.crystals.y_table[idx]
-        mean = y.mean(0)
-        std = y.std(0) if len(idx) > 1 else torch.ones_like(mean)
-        return {"mean": mean, "std": std, "mad": (y - mean).abs().mean(0), "count": int(len(idx))}
+        return target_statistics(self.crystals.y_table[idx], self.crystals.num_atoms[idx], per_atom)

@@ -81,6 +81,14 @@ def test_mp_statistics_and_atomrefs(mp):
     np.testing.assert_allclose(stats["mad"].numpy(), [np.abs(y - y.mean()).mean()], rtol=1e-12)
     assert stats["mean"].dtype == torch.float64 and -3 < float(stats["mean"]) < 1  # eV/atom
     assert torch.equal(mp.atomrefs(), torch.zeros(1, 119, dtype=torch.float64))
+    assert stats["mode"] == ["per_molecule"] and float(stats["mean_per_atom"]) == 0.0
+    # per-atom statistics straight from the stored values (PropertyTask's normalize="per_atom")
+    n = np.array([len(mp.crystals[int(i)].z) for i in mp.splits["train"]], dtype=np.float64)
+    pa = mp.train_statistics(per_atom=[True])
+    mpa = (y / n).mean()
+    assert pa["mode"] == ["per_atom"] and float(pa["mean"]) == 0.0
+    np.testing.assert_allclose(pa["mean_per_atom"].numpy(), [mpa], rtol=1e-12)
+    np.testing.assert_allclose(pa["std"].numpy(), [(y - n * mpa).std(ddof=1)], rtol=1e-12)
 
 
 @needs_mp
