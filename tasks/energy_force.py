@@ -107,6 +107,38 @@ def _labels_by_iteration(dataset: Dataset, items: Sequence[int], energy_key: str
     return out
 
 
+def _label_arrays(dataset: Dataset, items: np.ndarray, energy_key: str = "energy") -> dict[str, Tensor]:
+    """Float64 labels of ``dataset[items]`` as :meth:`OC20Trajectories.energy_force_arrays` returns them.
+
+    (Nested) ``Subset``\ s of a dataset with ``energy_force_arrays`` are read from its arrays without
+    building items; anything else item by item.
+    """
+    base, base_items = dataset, np.asarray(items)
+    while isinstance(base, Subset):  # indices into the innermost dataset
+        base, base_items = base.dataset, np.asarray(base.indices)[base_items]
+    if hasattr(base, "energy_force_arrays") and energy_key == "energy":
+        return base.energy_force_arrays(torch.as_tensor(base_items, dtype=torch.long))
+    return _labels_by_iteration(dataset, np.asarray(items).tolist(), energy_key)
+
+
+def force_atom_mask(
+    num_atoms: int,
+    fixed: Tensor | None,
+    tags: Tensor | None,
+    train_on_free_atoms: bool,
+    force_tags: Sequence[int] | None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """``[N]`` bool: the atoms whose forces count (free ones when ``train_on_free_atoms``, only
+    ``force_tags`` when given); a missing ``fixed`` / ``tags`` selects no restriction."""
+    mask = torch.ones(num_atoms, dtype=torch.bool, device=device)
+    if train_on_free_atoms and fixed is not None:
+        mask &= ~fixed.bool().reshape(-1)
+    if force_tags is not None and tags is not None:
+        mask &= torch.isin(tags.reshape(-1), torch.as_tensor(list(force_tags), dtype=torch.long, device=mask.device))
+    return mask
+
+
 def energy_force_statistics(
     dataset: Dataset,
     energy_target: str = "total",
@@ -142,13 +174,7 @@ def energy_force_statistics(
     items = np.arange(n)
     if max_samples is not None and n > int(max_samples):
         items = np.sort(np.random.default_rng(seed).choice(n, size=int(max_samples), replace=False))
-    base, base_items = dataset, items
-    if isinstance(dataset, Subset):
-        base, base_items = dataset.dataset, np.asarray(dataset.indices)[items]
-    if hasattr(base, "energy_force_arrays") and energy_key == "energy":
-        arr = base.energy_force_arrays(torch.as_tensor(base_items, dtype=torch.long))
-    else:
-        arr = _labels_by_iteration(dataset, items.tolist(), energy_key)
+    arr = _label_arrays(dataset, items, energy_key)
     energy = arr["energy"].double()
     natoms = arr["natoms"].double()
     refs = torch.zeros(NUM_ELEMENTS, dtype=torch.float64)
@@ -166,12 +192,7 @@ def energy_force_statistics(
         std = 1.0
     force_rms = None
     if "forces" in arr:
-        mask = torch.ones(len(arr["z"]), dtype=torch.bool)
-        if train_on_free_atoms:
-            mask &= ~arr["fixed"].bool()
-        if force_tags is not None:
-            mask &= torch.isin(arr["tags"], torch.as_tensor(list(force_tags), dtype=torch.long))
-        f = arr["forces"][mask]
+        f = arr["forces"][force_atom_mask(len(arr["z"]), arr["fixed"], arr["tags"], train_on_free_atoms, force_tags)]
         if f.numel():
             force_rms = float(f.pow(2).mean().sqrt())
     return {"energy_mean": mean, "energy_std": std, "force_rms": force_rms, "atom_refs": refs,
@@ -202,21 +223,10 @@ def zero_force_baseline(
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
         raise ValueError("zero_force_baseline: the dataset is empty")
-    base, items = dataset, np.arange(n)
-    while isinstance(base, Subset):  # nested subsets (a sample of a split): indices into the innermost dataset
-        base, items = base.dataset, np.asarray(base.indices)[items]
-    if hasattr(base, "energy_force_arrays"):
-        arr = base.energy_force_arrays(torch.as_tensor(items, dtype=torch.long))
-    else:
-        arr = _labels_by_iteration(dataset, list(range(n)), "energy")
+    arr = _label_arrays(dataset, np.arange(n))
     if "forces" not in arr:
         raise ValueError("zero_force_baseline: the dataset has no forces")
-    mask = torch.ones(len(arr["z"]), dtype=torch.bool)
-    if train_on_free_atoms:
-        mask &= ~arr["fixed"].bool()
-    if force_tags is not None:
-        mask &= torch.isin(arr["tags"], torch.as_tensor(list(force_tags), dtype=torch.long))
-    f = arr["forces"].double()[mask]
+    f = arr["forces"].double()[force_atom_mask(len(arr["z"]), arr["fixed"], arr["tags"], train_on_free_atoms, force_tags)]
     if f.numel() == 0:
         raise ValueError("zero_force_baseline: no atom is selected (all fixed or of other tags)")
     return {"force_mae_meV_per_A": 1000.0 * float(f.abs().mean()), "force_l2mae_meV_per_A": 1000.0 * float(f.norm(dim=-1).mean()),
@@ -491,15 +501,8 @@ class EnergyForceTask(pl.LightningModule):
 
     def force_mask(self, batch: Any) -> Tensor:
         """[N] bool: atoms whose forces enter the loss and the metrics."""
-        n = batch.z.shape[0]
-        mask = torch.ones(n, dtype=torch.bool, device=batch.z.device)
-        fixed = getattr(batch, "fixed", None)
-        if self.hparams.train_on_free_atoms and fixed is not None:
-            mask &= ~fixed.bool().reshape(-1)
-        tags = self.hparams.force_tags
-        if tags is not None and getattr(batch, "tags", None) is not None:
-            mask &= torch.isin(batch.tags.reshape(-1), torch.as_tensor(list(tags), device=mask.device))
-        return mask
+        return force_atom_mask(batch.z.shape[0], getattr(batch, "fixed", None), getattr(batch, "tags", None),
+                               self.hparams.train_on_free_atoms, self.hparams.force_tags, device=batch.z.device)
 
     def loss_terms(self, batch: Any, pred: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``{"loss", "energy_loss", "force_loss"}`` (normalised units) of predictions ``pred``."""
