@@ -42,7 +42,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +238,20 @@ def check_metadata(meta: Mapping[str, Any], where: str = "metadata") -> None:
             raise PretrainedError(f"{where}: atomref[{t!r}] keys must be atomic numbers")
 
 
+def minimum_row(minima: Sequence[float | None], like: torch.Tensor) -> torch.Tensor | None:
+    """``[1, T]`` of the targets' physical minima (``-inf`` where a target has none), in ``like``'s
+    dtype and device, or ``None`` when no target declares one."""
+    if all(m is None for m in minima):
+        return None
+    return torch.tensor([[-math.inf if m is None else float(m) for m in minima]], dtype=like.dtype, device=like.device)
+
+
+def clamp_to_minimum(value: torch.Tensor, minima: Sequence[float | None]) -> torch.Tensor:
+    """Properties ``value [B, T]`` clamped from below at each target's ``minimum`` (band gaps: 0)."""
+    lo = minimum_row(minima, value)
+    return value if lo is None else torch.maximum(value, lo)
+
+
 def denormalize(out: torch.Tensor, z: torch.Tensor, batch: torch.Tensor, meta: Mapping[str, Any]) -> torch.Tensor:
     """Model output [B, T] (normalised) -> properties [B, T] in the targets' units.
 
@@ -264,9 +278,7 @@ def denormalize(out: torch.Tensor, z: torch.Tensor, batch: torch.Tensor, meta: M
         per_atom = table[z]  # [N, T]
         value = value.index_add(0, batch, per_atom) if value.shape[0] else value
     # physical bounds a target declares (band gaps are >= 0: a metal's small negative output is 0)
-    for k, t in enumerate(meta["targets"]):
-        if t.get("minimum") is not None:
-            value[:, k] = value[:, k].clamp(min=float(t["minimum"]))
+    value = clamp_to_minimum(value, [t.get("minimum") for t in meta["targets"]])
     assert value.shape[-1] == len(names)
     return value
 

@@ -32,7 +32,6 @@ units of each target's std; the checkpoint monitor) and ``val/<target>_mae_<repo
 from __future__ import annotations
 
 import inspect
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import RandomSampler
 
+from equiformer.hub import clamp_to_minimum, minimum_row
 from equiformer.tasks.datamodule import NORMALIZATION_MODES, target_statistics
 from equiformer.tasks.ema import EMAWeights
 from equiformer.tasks.metrics import PerTargetMAE, mae_key
@@ -395,19 +395,15 @@ class PropertyTask(pl.LightningModule):
         shipped model (:func:`equiformer.hub.denormalize`) does.
         """
         value = out.to(torch.float64) * self.target_std + self.target_mean + self.per_atom_offset(batch) + self.atomref_sum(batch)
-        lo = self._minimum_row(value)
-        return value if lo is None else torch.maximum(value, lo)
+        return clamp_to_minimum(value, self._minima())
 
-    def _minimum_row(self, like: Tensor) -> Tensor | None:
-        """``[1, T]`` of the targets' minima (``-inf`` where none), or ``None`` when no target has one."""
-        mins = [self.target_info.get(t, {}).get("minimum") for t in self.targets]
-        if all(m is None for m in mins):
-            return None
-        return torch.tensor([[-math.inf if m is None else float(m) for m in mins]], dtype=like.dtype, device=like.device)
+    def _minima(self) -> list[float | None]:
+        """Each target's physical ``minimum`` (from its target info), ``None`` where it has none."""
+        return [self.target_info.get(t, {}).get("minimum") for t in self.targets]
 
     def _clamp_normalized(self, pred: Tensor, batch: Any) -> Tensor:
         """Normalised predictions clamped at the normalised targets' minima (see :meth:`denormalize`)."""
-        lo = self._minimum_row(pred)
+        lo = minimum_row(self._minima(), pred)
         if lo is None:
             return pred
         lo_norm = self.normalize(lo.expand(pred.shape[0], -1).to(torch.float64), batch).to(pred.dtype)
