@@ -80,3 +80,23 @@ def make_tiny_model(
         "training": {"epochs": 0, "device": "none", "command": "tests/pretrained_helpers.py"},
     }
     return hub.save_pretrained(model, meta, out_dir, name=name)
+
+
+def train_tiny_qm9_checkpoint(tmp: Path, max_steps: int, **task_kwargs):
+    """A PropertyTask (tiny Equiformer; ``task_kwargs`` on top) trained ``max_steps`` steps on 200 real
+    QM9 molecules (homo, U0), saved by Lightning as ``tmp/tiny.ckpt``. Returns ``(path, task in eval mode, datamodule)``."""
+    import lightning.pytorch as pl
+
+    from equiformer.tasks.datamodule import QM9DataModule
+    from equiformer.tasks.property import PropertyTask
+
+    pl.seed_everything(0, verbose=False)
+    dm = QM9DataModule(root=str(tmp / "qm9"), targets=["homo", "U0"], subset=200, batch_size=16, progress=False)
+    task = PropertyTask(model="equiformer", model_kwargs=TINY_CONFIG, targets=["homo", "U0"], lr=5e-3,
+                        warmup_steps=1, ema_decay=0.5, **task_kwargs)
+    trainer = pl.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(task, dm)
+    path = tmp / "tiny.ckpt"
+    trainer.save_checkpoint(path)
+    return path, task.eval(), dm

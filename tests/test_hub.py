@@ -14,7 +14,7 @@ from torch_geometric.data import Batch
 
 from equiformer import hub
 from equiformer.data import from_smiles
-from pretrained_helpers import TINY_CONFIG, make_tiny_model
+from pretrained_helpers import TINY_CONFIG, make_tiny_model, train_tiny_qm9_checkpoint
 
 torch.set_num_threads(1)
 
@@ -34,22 +34,7 @@ def lightning_ckpt(tmp_path_factory):
     """A PropertyTask (tiny Equiformer, EMA on) trained 4 steps on real QM9 molecules, saved by Lightning."""
     if not HAS_QM9:
         pytest.skip("qm9pack not installed")
-    import lightning.pytorch as pl
-
-    from equiformer.tasks.datamodule import QM9DataModule
-    from equiformer.tasks.property import PropertyTask
-
-    tmp = tmp_path_factory.mktemp("ckpt")
-    pl.seed_everything(0, verbose=False)
-    dm = QM9DataModule(root=str(tmp / "qm9"), targets=["homo", "U0"], subset=200, batch_size=16, progress=False)
-    task = PropertyTask(model="equiformer", model_kwargs=TINY_CONFIG, targets=["homo", "U0"], lr=5e-3,
-                        warmup_steps=1, ema_decay=0.5)
-    trainer = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu", limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(task, dm)
-    path = tmp / "tiny.ckpt"
-    trainer.save_checkpoint(path)
-    return path, task.eval(), dm
+    return train_tiny_qm9_checkpoint(tmp_path_factory.mktemp("ckpt"), max_steps=4)
 
 
 def test_lightning_checkpoint_loads_without_pickled_code(lightning_ckpt):

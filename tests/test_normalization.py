@@ -28,7 +28,7 @@ from equiformer.data import from_smiles  # noqa: E402
 from equiformer.datasets.qm9 import QM9  # noqa: E402
 from equiformer.tasks.datamodule import QM9DataModule, target_statistics  # noqa: E402
 from equiformer.tasks.property import PropertyTask  # noqa: E402
-from pretrained_helpers import TINY_CONFIG  # noqa: E402
+from pretrained_helpers import TINY_CONFIG, train_tiny_qm9_checkpoint  # noqa: E402
 
 HARTREE_TO_EV = 27.211386246
 #: free-atom U0 of the QM9 paper (Hartree), written out here independently of the package
@@ -194,17 +194,7 @@ def test_bad_normalize_arguments_are_clear():
 @pytest.fixture(scope="module")
 def per_atom_ckpt(tmp_path_factory):
     """A PropertyTask (tiny Equiformer, EMA) with U0 per atom, trained 3 steps on real QM9, saved by Lightning."""
-    tmp = tmp_path_factory.mktemp("ckpt_pa")
-    pl.seed_everything(0, verbose=False)
-    dm = QM9DataModule(root=str(tmp / "qm9"), targets=["homo", "U0"], subset=200, batch_size=16, progress=False)
-    task = PropertyTask(model_kwargs=TINY_CONFIG, targets=["homo", "U0"], lr=5e-3, warmup_steps=1, ema_decay=0.5,
-                        normalize="auto")
-    trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu", limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(task, dm)
-    path = tmp / "pa.ckpt"
-    trainer.save_checkpoint(path)
-    return path, task.eval(), dm
+    return train_tiny_qm9_checkpoint(tmp_path_factory.mktemp("ckpt_pa"), max_steps=3, normalize="auto")
 
 
 def test_checkpoint_reload_keeps_the_per_atom_statistics(per_atom_ckpt):
