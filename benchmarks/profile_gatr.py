@@ -11,7 +11,6 @@ time is attributed to the layer types through ``record_function`` ranges opened 
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import json
 import sys
@@ -81,12 +80,9 @@ def main(argv: list[str] | None = None) -> int:
                and dev_us(e) > 0 and getattr(e, "self_device_time_total", 1)]
     total_ms = sum(float(getattr(e, "self_device_time_total", 0.0) or 0.0) for e in events) / 1e3
     top = sorted(kernels, key=dev_us, reverse=True)[: args.top]
-    counts = collections.Counter()
-    for e in events:
-        if e.key.startswith("aten::"):
-            counts["aten calls"] += e.count
+    aten_calls = sum(e.count for e in events if e.key.startswith("aten::"))
     res = {"tokens": args.tokens, "precision": args.precision, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "gpu_ms_total": total_ms, "forward_ms_by_layer_type": layers, "aten_calls": counts["aten calls"],
+           "gpu_ms_total": total_ms, "forward_ms_by_layer_type": layers, "aten_calls": aten_calls,
            "top_kernels": [{"name": e.key[:120], "ms": dev_us(e) / 1e3, "calls": e.count} for e in top]}
     print(json.dumps(res, indent=1))
     if args.out:

@@ -289,7 +289,7 @@ class EquiLinear(nn.Module):
         x = mv.reshape(*lead, self.in_mv * 16)
         if self.in_s:
             x = torch.cat([x, s.expand(*lead, self.in_s)], dim=-1)
-        w, b = self.layout_weight() if self._standard else self.fused_weight()
+        w, b = self.fused_weight()
         out_mv, out_s = F.linear(x, w, b).split([self.out_mv * 16, self.out_s], dim=-1)
         return out_mv.unflatten(-1, (self.out_mv, 16)), out_s
 
